@@ -1,0 +1,108 @@
+"""Bit-level helpers that make XLA arithmetic round the way torch's CPU kernels do.
+
+Internal. Each helper names the torch behaviour it reproduces.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+INT32_MIN = -(2 ** 31)
+F32 = jnp.float32
+
+
+def f32(v):
+    return jnp.asarray(v, dtype=F32)
+
+
+def rne(v):
+    """Round half to even (``torch.round``, ``std::nearbyint``)."""
+    return jnp.round(v)
+
+
+def x86_f32_to_int32(v):
+    """``static_cast<int32_t>(float)`` on x86: NaN, +-inf and out-of-range give INT32_MIN.
+
+    XLA's convert saturates instead; this reproduces torch's CPU result.
+    """
+    v = f32(v)
+    ok = (v >= -2.0 ** 31) & (v < 2.0 ** 31)
+    return jnp.where(ok, jnp.where(ok, v, 0.0).astype(jnp.int32), jnp.int32(INT32_MIN))
+
+
+def in_int64_range(v):
+    """True where ``static_cast<int64_t>(v)`` is exact on x86 (finite and |v| < 2**63)."""
+    return (v >= -(2.0 ** 63)) & (v < 2.0 ** 63)
+
+
+def _mul_isolated_cpu(a, b):
+    # A conditional is an XLA fusion boundary: its result is materialised, so a following
+    # add cannot be contracted with this multiply into an FMA (XLA:CPU contracts otherwise).
+    # Both branches compute the same product; the predicate only has to be opaque to the
+    # compiler (a constant one would fold the conditional away).
+    pred = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
+    return lax.cond(pred, lambda u, v: u * v, lambda u, v: v * u, a, b)
+
+
+@jax.custom_batching.custom_vmap
+def _mul_isolated(a, b):
+    return lax.platform_dependent(a, b, cpu=_mul_isolated_cpu, default=lambda u, v: u * v)
+
+
+@_mul_isolated.def_vmap
+def _mul_isolated_vmap(axis_size, in_batched, a, b):
+    # Keep the conditional's predicate unbatched (a batched one becomes a select, which
+    # XLA folds away): apply the isolated multiply to the whole batch at once.
+    if not in_batched[0]:
+        a = jnp.broadcast_to(a, (axis_size,) + a.shape)
+    if not in_batched[1]:
+        b = jnp.broadcast_to(b, (axis_size,) + b.shape)
+    return _mul_isolated(a, b), True
+
+
+def mul_rounded(a, b):
+    """``f32(a * b)`` rounded on its own, as torch's separate tensor ops round.
+
+    XLA:CPU contracts ``c + a * b`` into one fused multiply-add (one rounding) where torch
+    rounds twice; this keeps the product separate on CPU. On other platforms (whose
+    torch kernels also contract) it is a plain multiply. Meant for small state tensors.
+    """
+    a, b = f32(a), f32(b)
+    return _mul_isolated(a, b)
+
+
+def enable_x64():
+    """Context manager that traces float64 ops (used for torch's double-precision scalars)."""
+    fn = getattr(jax, "enable_x64", None)
+    if fn is not None:
+        return fn(True)
+    exp = getattr(getattr(jax, "experimental", None), "enable_x64", None)
+    if exp is not None:
+        return exp()
+    return contextlib.nullcontext()
+
+
+def is_concrete(*xs) -> bool:
+    """True when no argument is a tracer (so values can be inspected eagerly)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _div_f64(a, c):
+    with enable_x64():
+        return (a.astype(jnp.float64) / c).astype(jnp.float32)
+
+
+def div_const(a, c: float):
+    """``f32(a / c)`` correctly rounded, for a Python constant ``c``.
+
+    XLA rewrites a division by a constant into a multiplication by its rounded reciprocal,
+    which is off by one ulp for most inputs. Dividing in float64 and rounding once is
+    exact for float32 operands; on TPU (no native float64) it is a plain division.
+    """
+    a = f32(a)
+    c = float(c)
+    return lax.platform_dependent(a, tpu=lambda u: u / jnp.float32(c),
+                                  default=lambda u: _div_f64(u, c))
