@@ -106,3 +106,25 @@ def div_const(a, c: float):
     c = float(c)
     return lax.platform_dependent(a, tpu=lambda u: u / jnp.float32(c),
                                   default=lambda u: _div_f64(u, c))
+
+
+def aminmax(x, axis=None):
+    """``(min, max)`` of ``x`` in one pass (a variadic reduce); NaN-propagating like torch.aminmax.
+
+    ``axis``: None (all axes) or an int / tuple of ints.
+    """
+    x = jnp.asarray(x)
+    if axis is None:
+        axes = tuple(range(x.ndim))
+    elif isinstance(axis, int):
+        axes = (axis % x.ndim,)
+    else:
+        axes = tuple(a % x.ndim for a in axis)
+    if not axes:
+        return x, x
+    init = (jnp.array(jnp.inf, x.dtype), jnp.array(-jnp.inf, x.dtype))
+
+    def body(a, b):
+        return jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])
+
+    return lax.reduce((x, x), init, body, axes)

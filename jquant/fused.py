@@ -96,11 +96,9 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
             scale = jnp.broadcast_to(scale.reshape(-1)[:1], (c,)) if scale.size else jnp.ones((c,), jnp.float32)
             zero_point = (jnp.broadcast_to(zero_point.reshape(-1)[:1], (c,)) if zero_point.size
                           else jnp.zeros((c,), jnp.int32))
-        bmin = jnp.min(rows, axis=1)
-        bmax = jnp.max(rows, axis=1)
+        bmin, bmax = nm.aminmax(rows, axis=1)
     else:
-        bmin = jnp.min(xs)
-        bmax = jnp.max(xs)
+        bmin, bmax = nm.aminmax(xs)
     if obs_on is not False:
         bmin = collectives.all_min(bmin, axis_name)
         bmax = collectives.all_max(bmax, axis_name)

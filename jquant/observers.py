@@ -193,7 +193,7 @@ class MinMaxObserver(UniformQuantizationObserverBase):
 
     def _batch_min_max(self, x, axis_name):
         xf = _as_float32(x)
-        bmin, bmax = jnp.min(xf), jnp.max(xf)
+        bmin, bmax = nm.aminmax(xf)
         return collectives.all_min(bmin, axis_name), collectives.all_max(bmax, axis_name)
 
     def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
@@ -313,7 +313,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
     def _batch_min_max(self, x, axis_name):
         c = self._num_channels(x)
         y = jnp.moveaxis(_as_float32(x), self.ch_axis, 0).reshape(c, -1)
-        bmin, bmax = jnp.min(y, axis=1), jnp.max(y, axis=1)
+        bmin, bmax = nm.aminmax(y, axis=1)
         return collectives.all_min(bmin, axis_name), collectives.all_max(bmax, axis_name)
 
     def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
