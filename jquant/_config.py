@@ -14,7 +14,17 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Config", "Factory"]
+__all__ = ["Config", "Factory", "register_state"]
+
+
+def register_state(cls):
+    """Class decorator: lets a NamedTuple state cross ``jax.export`` serialization.
+
+    Registers ``cls`` as ``jquant.<ClassName>``, so exported functions taking or returning
+    states can be serialized and deserialized (in any process that imported jquant).
+    """
+    jax.export.register_namedtuple_serialization(cls, serialized_name=f"jquant.{cls.__name__}")
+    return cls
 
 
 def _freeze(v: Any) -> Any:

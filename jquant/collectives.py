@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from jax import lax
 
-__all__ = ["all_min", "all_max", "all_sum", "all_gather"]
+__all__ = ["all_min", "all_max", "all_sum", "all_gather", "axis_size"]
 
 
 def all_min(x, axis_name=None):
@@ -31,3 +31,14 @@ def all_sum(x, axis_name=None):
 def all_gather(x, axis_name=None, axis: int = 0):
     """Concatenates every device's ``x`` along ``axis`` (tiled), in device order."""
     return x if axis_name is None else lax.all_gather(x, axis_name, axis=axis, tiled=True)
+
+
+def axis_size(axis_name=None) -> int:
+    """Number of devices along ``axis_name`` (a name or a tuple of names); 1 for ``None``."""
+    if axis_name is None:
+        return 1
+    names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    n = 1
+    for name in names:
+        n *= int(lax.axis_size(name))
+    return n

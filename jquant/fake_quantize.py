@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import _numerics as nm
-from jquant._config import Config, Factory
+from jquant._config import Config, Factory, register_state
 from jquant._state_dict import StateDictError, check_keys, sub_dict, to_numpy
 from jquant.fake_quant_ops import (fake_quantize_learnable_per_channel_affine,
                                    fake_quantize_learnable_per_tensor_affine,
@@ -32,7 +32,8 @@ from jquant.fake_quant_ops import (fake_quantize_learnable_per_channel_affine,
 from jquant.fused import fused_moving_avg_obs_fake_quant
 from jquant.observers import (FixedQParamsObserver, MovingAverageMinMaxObserver,
                               MovingAveragePerChannelMinMaxObserver, ObserverBase)
-from jquant.types import QScheme, canonical_dtype, quint8, torch_iinfo
+from jquant import collectives
+from jquant.types import QScheme, as_float, as_int, canonical_dtype, quint8, torch_iinfo
 
 __all__ = [
     "FakeQuantizeBase", "FakeQuantize", "FusedMovingAvgObsFakeQuantize",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 
+@register_state
 class FakeQuantizeState(NamedTuple):
     """State of :class:`FakeQuantize` and its subclasses (torch's buffer names and order).
 
@@ -56,6 +58,7 @@ class FakeQuantizeState(NamedTuple):
     activation_post_process: Any
 
 
+@register_state
 class LearnableFakeQuantizeState(NamedTuple):
     """State of :class:`LearnableFakeQuantize` (torch's parameter and buffer names).
 
@@ -106,6 +109,13 @@ def _vwg_bwd(_, g):
 
 
 _value_with_grad_to.defvjp(_vwg_fwd, _vwg_bwd)
+
+
+def _check_fq_state(owner, state, state_type) -> None:
+    """``ValueError`` unless ``state`` looks like a ``state_type`` (e.g. ``None`` before ``init``)."""
+    if not all(hasattr(state, f) for f in state_type._fields):
+        raise ValueError(f"{owner}.apply: state must be the {state_type.__name__} returned by "
+                         f"init(), got {type(state).__name__}")
 
 
 def _build_observer(observer, kwargs):
@@ -204,15 +214,16 @@ class FakeQuantize(FakeQuantizeBase):
     def _setup(self, observer, quant_min, quant_max, is_dynamic, observer_kwargs):
         observer_kwargs = dict(observer_kwargs)
         if quant_min is not None and quant_max is not None:
-            if int(quant_min) > int(quant_max):
+            quant_min, quant_max = as_int(quant_min, "quant_min"), as_int(quant_max, "quant_max")
+            if quant_min > quant_max:
                 raise ValueError(f"quant_min={quant_min} must be <= quant_max={quant_max}")
             dtype = _observer_dtype(observer, observer_kwargs)
             lo, hi, _ = torch_iinfo(dtype)
-            if int(quant_min) < lo:
+            if quant_min < lo:
                 raise ValueError(f"quant_min={quant_min} out of bound for dtype={dtype.name} ([{lo}, {hi}])")
-            if int(quant_max) > hi:
+            if quant_max > hi:
                 raise ValueError(f"quant_max={quant_max} out of bound for dtype={dtype.name} ([{lo}, {hi}])")
-            observer_kwargs.update(quant_min=int(quant_min), quant_max=int(quant_max))
+            observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         observer_kwargs["is_dynamic"] = bool(is_dynamic)
         app = _build_observer(observer, observer_kwargs)
         qscheme = getattr(app, "qscheme", QScheme.PER_TENSOR_AFFINE)
@@ -269,6 +280,7 @@ class FakeQuantize(FakeQuantizeBase):
                                                self.quant_max)
 
     def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
+        _check_fq_state(type(self).__name__, state, FakeQuantizeState)
         x = jnp.asarray(x)
         state = self._observe(state, x, axis_name)
         fq_on = _read_flag(state.fake_quant_enabled)
@@ -338,11 +350,16 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         return {"fake_quant_enabled": np.int64, "observer_enabled": np.int64}
 
     def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
+        _check_fq_state(type(self).__name__, state, FakeQuantizeState)
         app = self.activation_post_process
         x = jnp.asarray(x)
         app_state = state.activation_post_process
+        app._check_state(app_state, "apply")
         if self.is_per_channel and app_state.min_val.shape == (0,):
             app_state = app.init(x)._replace(eps=app_state.eps)
+        if self.is_per_channel and x.size and app_state.min_val.shape != (x.shape[0],):
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[0]} channels along "
+                             f"ch_axis=0 but the state has {app_state.min_val.shape[0]}")
         y, rmin, rmax, scale, zp = fused_moving_avg_obs_fake_quant(
             x, _read_flag(state.observer_enabled), _read_flag(state.fake_quant_enabled),
             app_state.min_val, app_state.max_val, state.scale, state.zero_point,
@@ -384,7 +401,8 @@ class LearnableFakeQuantize(FakeQuantizeBase):
       scale, zero_point: initial values of the trainable parameters.
       channel_len: number of channels for per-channel schemes (``-1``: per-tensor, or sized
         by ``init(x)`` when the observer is per-channel).
-      use_grad_scaling: multiply the qparam gradients by ``1/sqrt(x.size * quant_max)``.
+      use_grad_scaling: multiply the qparam gradients by ``1/sqrt(x.size * quant_max)``
+        (``x.size`` of the global batch when ``apply`` gets an ``axis_name``).
 
     ``apply(state, x)`` mirrors torch's forward: with ``static_enabled`` the observer sees
     ``x`` and its qparams overwrite scale/zero point (torch writes ``.data``); otherwise
@@ -402,12 +420,17 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     def __init__(self, observer, quant_min=0, quant_max=255, scale=1.0, zero_point=0.0,
                  channel_len=-1, use_grad_scaling=False, **observer_kwargs):
         self._record(locals())
-        quant_min, quant_max = int(quant_min), int(quant_max)
+        quant_min, quant_max = as_int(quant_min, "quant_min"), as_int(quant_max, "quant_max")
         if not quant_min < quant_max:
             raise ValueError(f"quant_min={quant_min} must be less than quant_max={quant_max}")
-        channel_len = int(channel_len)
+        channel_len = as_int(channel_len, "channel_len")
         if channel_len != -1 and channel_len <= 0:
             raise ValueError(f"channel_len={channel_len} must be a positive int (or -1)")
+        scale, zero_point = as_float(scale, "scale"), as_float(zero_point, "zero_point")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale={scale} must be a positive finite float")
+        if not math.isfinite(zero_point):
+            raise ValueError(f"zero_point={zero_point} must be finite")
         observer_kwargs = dict(observer_kwargs, quant_min=quant_min, quant_max=quant_max)
         app = _build_observer(observer, observer_kwargs)
         lo, hi, _ = torch_iinfo(app.dtype)
@@ -464,6 +487,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         return scale, zp
 
     def apply(self, state: LearnableFakeQuantizeState, x, *, axis_name=None):
+        _check_fq_state(type(self).__name__, state, LearnableFakeQuantizeState)
         x = jnp.asarray(x)
         app = self.activation_post_process
         static_on = _read_flag(state.static_enabled)
@@ -493,7 +517,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         elif learn_on is not True:
             scale_used = jnp.where(learn_on, scale_used, jax.lax.stop_gradient(scale_used))
             zp_used = jnp.where(learn_on, zp_used, jax.lax.stop_gradient(zp_used))
-        grad_factor = 1.0 / math.sqrt(x.size * self.quant_max) if self.use_grad_scaling else 1.0
+        # With axis_name, x is one shard: scale by the global batch's size, so summing the
+        # devices' gradients gives the single-device gradient.
+        numel = x.size * collectives.axis_size(axis_name)
+        grad_factor = 1.0 / math.sqrt(numel * self.quant_max) if self.use_grad_scaling else 1.0
         if self.is_per_channel:
             y = fake_quantize_learnable_per_channel_affine(x, scale_used, zp_used, self.ch_axis,
                                                            self.quant_min, self.quant_max, grad_factor)

@@ -28,12 +28,12 @@ import numpy as np
 
 from jquant import _numerics as nm
 from jquant import collectives
-from jquant._config import Config
+from jquant._config import Config, register_state
 from jquant._state_dict import StateDictError, check_keys, expect_shape, to_numpy
 from jquant.fused import moving_average
 from jquant.qparams import calculate_qparams as _qparams_rule
-from jquant.types import (QScheme, canonical_dtype, canonical_qscheme, calculate_qmin_qmax,
-                          check_observer_dtype, quint8, validate_qrange)
+from jquant.types import (QScheme, as_float, as_int, canonical_dtype, canonical_qscheme,
+                          calculate_qmin_qmax, check_observer_dtype, quint8, validate_qrange)
 
 __all__ = [
     "ObserverBase", "UniformQuantizationObserverBase", "MinMaxState", "FixedQParamsState",
@@ -46,6 +46,7 @@ __all__ = [
 DEFAULT_EPS = float(np.finfo(np.float32).eps)  # 2**-23, torch's default observer eps
 
 
+@register_state
 class MinMaxState(NamedTuple):
     """State of the min/max observers (torch buffers ``eps, min_val, max_val``).
 
@@ -57,18 +58,21 @@ class MinMaxState(NamedTuple):
     max_val: jax.Array
 
 
+@register_state
 class FixedQParamsState(NamedTuple):
     """State of :class:`FixedQParamsObserver`: ``scale`` float32 ``(1,)``, ``zero_point`` int32 ``(1,)``."""
     scale: jax.Array
     zero_point: jax.Array
 
 
+@register_state
 class RecordingState(NamedTuple):
     """State of :class:`RecordingObserver`: ``values`` ``(capacity, *shape)``, ``count`` int32 ``()``."""
     values: jax.Array
     count: jax.Array
 
 
+@register_state
 class EmptyState(NamedTuple):
     """State of observers that keep none (placeholder / noop)."""
 
@@ -84,6 +88,24 @@ class ObserverBase(Config):
     is_dynamic: bool = False
     #: torch's state_dict keys, in order.
     state_keys: tuple = ()
+    #: NamedTuple class of the state (its fields are checked by ``_check_state``).
+    _state_type: Any = None
+    #: rank of ``state.min_val`` (0 per-tensor, 1 per-channel) where it matters.
+    _state_ndim: Any = None
+
+    def _check_state(self, state, method: str = "update") -> None:
+        """``ValueError`` unless ``state`` looks like one from :meth:`init` (e.g. ``None``)."""
+        t = self._state_type
+        if t is None:
+            return
+        owner = f"{type(self).__name__}.{method}"
+        if not all(hasattr(state, f) for f in t._fields):
+            raise ValueError(f"{owner}: state must be the {t.__name__} returned by init() (fields "
+                             f"{', '.join(t._fields)}), got {type(state).__name__}")
+        if self._state_ndim is not None and jnp.ndim(state.min_val) != self._state_ndim:
+            kind = "per-channel (C,)" if self._state_ndim == 1 else "per-tensor ()"
+            raise ValueError(f"{owner}: state.min_val has shape {jnp.shape(state.min_val)}, but "
+                             f"this observer keeps a {kind} state (was it made by another observer?)")
 
     def init(self, x=None):
         """A fresh state. ``x``: an array or ``jax.ShapeDtypeStruct`` (needed for per-channel)."""
@@ -141,10 +163,12 @@ class UniformQuantizationObserverBase(ObserverBase):
                              f"expected one of {[q.value for q in self._allowed_qschemes]}")
         if is_dynamic and not self._accepts_dynamic:
             raise ValueError(f"is_dynamic=True is not supported by {type(self).__name__}")
-        eps = float(eps)
+        eps = as_float(eps, "eps")
         if not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps={eps} must be a positive finite float")
         custom = validate_qrange(quant_min, quant_max, dtype)
+        if custom:
+            quant_min, quant_max = as_int(quant_min, "quant_min"), as_int(quant_max, "quant_max")
         qmin, qmax = calculate_qmin_qmax(quant_min, quant_max, custom, dtype, bool(reduce_range))
         self._set(dtype=dtype, qscheme=qscheme, reduce_range=bool(reduce_range),
                   quant_min=qmin, quant_max=qmax, has_customized_qrange=custom, eps=eps,
@@ -180,6 +204,8 @@ class MinMaxObserver(UniformQuantizationObserverBase):
     """
 
     state_keys = ("eps", "min_val", "max_val")
+    _state_type = MinMaxState
+    _state_ndim = 0
 
     def __init__(self, dtype=quint8, qscheme=QScheme.PER_TENSOR_AFFINE, reduce_range=False,
                  quant_min=None, quant_max=None, eps=DEFAULT_EPS, is_dynamic=False):
@@ -197,6 +223,7 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         return collectives.all_min(bmin, axis_name), collectives.all_max(bmax, axis_name)
 
     def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
+        self._check_state(state)
         x = jnp.asarray(x)
         if x.size == 0:
             return state
@@ -209,6 +236,7 @@ class MinMaxObserver(UniformQuantizationObserverBase):
 
     def calculate_qparams(self, state: MinMaxState):
         """``(scale float32 (1,), zero_point int32 (1,))`` by torch's observer rule."""
+        self._check_state(state, "calculate_qparams")
         return self._calculate_qparams(state.min_val, state.max_val, state.eps)
 
     def reset_min_max_vals(self, state):
@@ -241,7 +269,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self._record(locals())
         self._setup(dtype, qscheme, reduce_range, quant_min, quant_max, eps, is_dynamic)
         self._check_symmetric_reduce_range()
-        c = float(averaging_constant)
+        c = as_float(averaging_constant, "averaging_constant")
         if not 0.0 < c <= 1.0:
             raise ValueError(f"averaging_constant={averaging_constant} must be in (0, 1]")
         if self.is_dynamic and c != 1.0:
@@ -276,6 +304,8 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
                          QScheme.PER_CHANNEL_AFFINE_FLOAT_QPARAMS)
     _accepts_dynamic = False
     state_keys = ("eps", "min_val", "max_val")
+    _state_type = MinMaxState
+    _state_ndim = 1
 
     def __init__(self, ch_axis=0, dtype=quint8, qscheme=QScheme.PER_CHANNEL_AFFINE,
                  reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS,
@@ -283,7 +313,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         self._record(locals())
         self._setup(dtype, qscheme, reduce_range, quant_min, quant_max, eps, is_dynamic)
         self._check_symmetric_reduce_range()
-        self._set(ch_axis=int(ch_axis))
+        self._set(ch_axis=as_int(ch_axis, "ch_axis"))
 
     def _num_channels(self, x) -> int:
         shape = tuple(x.shape)
@@ -317,6 +347,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         return collectives.all_min(bmin, axis_name), collectives.all_max(bmax, axis_name)
 
     def update(self, state: MinMaxState, x, *, axis_name=None) -> MinMaxState:
+        self._check_state(state)
         x = jnp.asarray(x)
         if x.size == 0:
             return state
@@ -338,6 +369,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
 
         Channels never observed give ``(1.0, 0)`` (torch raises when some are unset).
         """
+        self._check_state(state, "calculate_qparams")
         return self._calculate_qparams(state.min_val, state.max_val, state.eps)
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -371,10 +403,10 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
         self._record(locals())
         self._setup(dtype, qscheme, reduce_range, quant_min, quant_max, eps, is_dynamic)
         self._check_symmetric_reduce_range()
-        c = float(averaging_constant)
+        c = as_float(averaging_constant, "averaging_constant")
         if not 0.0 < c <= 1.0:
             raise ValueError(f"averaging_constant={averaging_constant} must be in (0, 1]")
-        self._set(ch_axis=int(ch_axis), averaging_constant=c)
+        self._set(ch_axis=as_int(ch_axis, "ch_axis"), averaging_constant=c)
 
     def _combine(self, state, bmin, bmax):
         uninit = jnp.all(state.min_val == jnp.inf) & jnp.all(state.max_val == -jnp.inf)
@@ -396,22 +428,25 @@ class FixedQParamsObserver(ObserverBase):
     """
 
     state_keys = ("scale", "zero_point")
+    _state_type = FixedQParamsState
 
     def __init__(self, scale, zero_point, dtype=quint8, qscheme=QScheme.PER_TENSOR_AFFINE,
                  quant_min=0, quant_max=255, is_dynamic=False):
         self._record(locals())
         if is_dynamic:
             raise ValueError("is_dynamic=True is not supported by FixedQParamsObserver")
-        scale = float(scale)
+        scale = as_float(scale, "scale")
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale={scale} must be a positive finite float")
+        zero_point = as_int(zero_point, "zero_point")
         qscheme = canonical_qscheme(qscheme)
         if qscheme.is_per_channel:
             raise ValueError(f"qscheme={qscheme.value}: FixedQParamsObserver is per-tensor only")
-        if int(quant_min) > int(quant_max):
+        quant_min, quant_max = as_int(quant_min, "quant_min"), as_int(quant_max, "quant_max")
+        if quant_min > quant_max:
             raise ValueError(f"quant_min={quant_min} must be <= quant_max={quant_max}")
-        self._set(scale=scale, zero_point=int(zero_point), dtype=canonical_dtype(dtype),
-                  qscheme=qscheme, quant_min=int(quant_min), quant_max=int(quant_max),
+        self._set(scale=scale, zero_point=zero_point, dtype=canonical_dtype(dtype),
+                  qscheme=qscheme, quant_min=quant_min, quant_max=quant_max,
                   is_dynamic=False)
 
     def init(self, x=None) -> FixedQParamsState:
@@ -419,9 +454,11 @@ class FixedQParamsObserver(ObserverBase):
                                  jnp.full((1,), self.zero_point, jnp.int32))
 
     def update(self, state, x, *, axis_name=None):
+        self._check_state(state)
         return state
 
     def calculate_qparams(self, state: FixedQParamsState):
+        self._check_state(state, "calculate_qparams")
         return state.scale, state.zero_point
 
     def reset_min_max_vals(self, state):
@@ -461,7 +498,8 @@ class PlaceholderObserver(_StatelessObserver):
         self._set(dtype=canonical_dtype(dtype), custom_op=custom_op_name,
                   quant_min=quant_min, quant_max=quant_max,
                   qscheme=QScheme.PER_TENSOR_AFFINE if qscheme is None else canonical_qscheme(qscheme),
-                  eps=DEFAULT_EPS if eps is None else float(eps), is_dynamic=bool(is_dynamic))
+                  eps=DEFAULT_EPS if eps is None else as_float(eps, "eps"),
+                  is_dynamic=bool(is_dynamic))
 
 
 class NoopObserver(_StatelessObserver):
@@ -486,10 +524,11 @@ class RecordingObserver(ObserverBase):
     """
 
     state_keys = ()
+    _state_type = RecordingState
 
     def __init__(self, dtype=quint8, capacity: int = 64):
         self._record(locals())
-        capacity = int(capacity)
+        capacity = as_int(capacity, "capacity")
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be >= 1")
         self._set(dtype=canonical_dtype(dtype), capacity=capacity, is_dynamic=False)
@@ -501,6 +540,7 @@ class RecordingObserver(ObserverBase):
                               jnp.zeros((), jnp.int32))
 
     def update(self, state: RecordingState, x, *, axis_name=None) -> RecordingState:
+        self._check_state(state)
         x = collectives.all_gather(_as_float32(x), axis_name)
         if state.values.shape == (0,):
             state = self.init(x)._replace(count=state.count)
@@ -514,6 +554,7 @@ class RecordingObserver(ObserverBase):
 
     def get_tensor_value(self, state: RecordingState) -> list:
         """The recorded tensors, oldest first (at most ``capacity``)."""
+        self._check_state(state, "get_tensor_value")
         n = min(int(state.count), self.capacity) if state.values.shape != (0,) else 0
         return [state.values[i] for i in range(n)]
 

@@ -7,6 +7,7 @@ Counterparts: ``torch.quint8`` / ``torch.qint8`` / ``torch.qint32`` /
 from __future__ import annotations
 
 import enum
+import operator
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ __all__ = [
     "QScheme", "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
     "per_channel_symmetric", "per_channel_affine_float_qparams",
     "canonical_dtype", "canonical_qscheme", "dtype_name", "torch_iinfo",
-    "calculate_qmin_qmax",
+    "calculate_qmin_qmax", "as_int", "as_float",
 ]
 
 # Quantized dtypes are plain JAX dtypes (torch's quantized dtypes in brackets).
@@ -102,6 +103,29 @@ def torch_iinfo(dtype: Any) -> tuple[int, int, int]:
     return _IINFO[name]
 
 
+def as_int(value: Any, argname: str) -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``argname`` unless it is integral."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argname}={value!r} must be an integer") from None
+    if not f.is_integer():
+        raise ValueError(f"{argname}={value!r} must be an integer")
+    return int(f)
+
+
+def as_float(value: Any, argname: str) -> float:
+    """``value`` as a Python float; ``ValueError`` naming ``argname`` if it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argname}={value!r} must be a number") from None
+
+
 def canonical_qscheme(qscheme: Any, *, argname: str = "qscheme") -> QScheme:
     """Returns ``qscheme`` as a :class:`QScheme` (accepts torch qschemes and strings)."""
     if isinstance(qscheme, QScheme):
@@ -158,7 +182,7 @@ def validate_qrange(quant_min: int | None, quant_max: int | None, dtype: Any) ->
     """Checks a user range as torch's observer constructor does; returns has_customized_qrange."""
     if quant_min is None or quant_max is None:
         return False
-    quant_min, quant_max = int(quant_min), int(quant_max)
+    quant_min, quant_max = as_int(quant_min, "quant_min"), as_int(quant_max, "quant_max")
     if not quant_min <= 0 <= quant_max:
         raise ValueError(
             f"quant_min={quant_min}, quant_max={quant_max}: the user-specified quantization "
