@@ -63,15 +63,30 @@ def _mul_isolated_vmap(axis_size, in_batched, a, b):
     return _mul_isolated(a, b), True
 
 
+@jax.custom_jvp
+def _mul_isolated_ad(a, b):
+    return _mul_isolated(a, b)
+
+
+@_mul_isolated_ad.defjvp
+def _mul_isolated_jvp(primals, tangents):
+    # custom_vmap has no reverse-mode rule; the product's derivative is the plain one, so
+    # jax.grad / jax.vjp / export(vjp_order=1) work through the moving-average update.
+    a, b = primals
+    da, db = tangents
+    return _mul_isolated(a, b), da * b + a * db
+
+
 def mul_rounded(a, b):
     """``f32(a * b)`` rounded on its own, as torch's separate tensor ops round.
 
     XLA:CPU contracts ``c + a * b`` into one fused multiply-add (one rounding) where torch
     rounds twice; this keeps the product separate on CPU. On other platforms (whose
     torch kernels also contract) it is a plain multiply. Meant for small state tensors.
+    Differentiable (forward and reverse mode) like ``a * b``.
     """
     a, b = f32(a), f32(b)
-    return _mul_isolated(a, b)
+    return _mul_isolated_ad(a, b)
 
 
 def enable_x64():
