@@ -1,0 +1,218 @@
+"""NNX containers for observer / fake-quantize state (internal module of :mod:`jquant.nnx`).
+
+A core observer or fake-quantize config (frozen, hashable) keeps its state in a NamedTuple
+whose field names are torch's buffer names. :class:`PostProcess` is the NNX module that
+owns such a state: every array field becomes an :class:`QuantStat` Variable (the learnable
+fake quant's ``scale`` / ``zero_point`` become :class:`QuantParam`, an ``nnx.Param``, so
+optax trains them), and a nested state (``activation_post_process``) becomes a child
+module. Paths in ``nnx.state(model)`` are therefore torch's state-dict keys, e.g.
+``fc.weight_fake_quant.activation_post_process.min_val``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import flags as _flags
+from jquant import layers as _L
+from jquant._state_dict import StateDictError
+from jquant.fake_quantize import FakeQuantizeBase, LearnableFakeQuantize
+from jquant.observers import ObserverBase
+
+__all__ = ["QuantStat", "QuantParam", "PostProcess", "is_namedtuple"]
+
+
+class QuantStat(nnx.Variable):
+    """An observer / fake-quantize buffer (torch: ``min_val``, ``scale``, ``observer_enabled`` ...).
+
+    Not a ``Param``: optimizers built with ``wrt=nnx.Param`` leave it alone; it changes as
+    the model runs (like ``nnx.BatchStat``), also inside ``nnx.jit``.
+    """
+
+
+class QuantParam(nnx.Param):
+    """A trainable quantization parameter (LearnableFakeQuantize's ``scale`` / ``zero_point``).
+
+    An ``nnx.Param`` subclass, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` updates it;
+    filter on ``QuantParam`` to give it its own optax transform.
+    """
+
+
+def is_namedtuple(v) -> bool:
+    return isinstance(v, tuple) and hasattr(type(v), "_fields")
+
+
+_RESERVED = set(dir(nnx.Module)) | {"config", "axis_name", "state", "state_type", "set_state"}
+
+
+class _StateNode(nnx.Module):
+    """Holds one NamedTuple state: a Variable per array field, a child per nested NamedTuple."""
+
+    def __init__(self, state, param_fields=()):
+        self._set_state_tree(state, param_fields)
+
+    def _set_state_tree(self, state, param_fields=()):
+        if not is_namedtuple(state):
+            raise TypeError(f"state must be a NamedTuple, got {type(state).__name__}")
+        self.state_type = type(state)
+        for name, value in state._asdict().items():
+            if name in _RESERVED or name.startswith("_"):
+                raise ValueError(f"state field name {name!r} clashes with an nnx.Module attribute")
+            if is_namedtuple(value):
+                setattr(self, name, _StateNode(value))
+            elif name in param_fields:
+                setattr(self, name, QuantParam(jnp.asarray(value)))
+            else:
+                setattr(self, name, QuantStat(jnp.asarray(value)))
+
+    def _get_state(self):
+        kwargs = {}
+        for name in self.state_type._fields:
+            v = getattr(self, name)
+            kwargs[name] = v._get_state() if isinstance(v, _StateNode) else v.get_value()
+        return self.state_type(**kwargs)
+
+    def _put_state(self, state):
+        for name in self.state_type._fields:
+            v = getattr(self, name)
+            new = getattr(state, name)
+            if isinstance(v, _StateNode):
+                v._put_state(new)
+            else:
+                v.set_value(new)
+
+
+class PostProcess(_StateNode):
+    """An observer or fake-quantize module with its state in NNX Variables.
+
+    Counterpart of the ``activation_post_process`` / ``weight_fake_quant`` children that
+    torch's ``prepare`` / ``prepare_qat`` attach. ``config`` is the core config (e.g.
+    ``jquant.FusedMovingAvgObsFakeQuantize(...)``, ``jquant.MinMaxObserver()``); its state
+    fields live in this module as :class:`QuantStat` (or :class:`QuantParam`) Variables
+    named like torch's buffers. ``pp(x)`` runs the config's ``apply`` (observe and/or
+    fake-quantize), stores the new state in place and returns the output with the input's
+    dtype and shape (observers compute in float32). ``axis_name`` reduces statistics over
+    a mapped axis (``shard_map`` / ``pmap``).
+    """
+
+    def __init__(self, config, state=None, *, example=None, axis_name=None):
+        if not isinstance(config, (ObserverBase, FakeQuantizeBase)):
+            raise ValueError(f"config must be an observer or fake-quantize config, got {config!r}")
+        if state is None:
+            state = config.init(example)
+        param_fields = ("scale", "zero_point") if isinstance(config, LearnableFakeQuantize) else ()
+        self.config = config
+        self.axis_name = axis_name
+        self._set_state_tree(state, param_fields)
+
+    # -- state access -------------------------------------------------------------------
+    @property
+    def state(self):
+        """The core state NamedTuple (a snapshot of the Variables' values)."""
+        return self._get_state()
+
+    def set_state(self, new_state) -> None:
+        """Writes a core state NamedTuple into the Variables (in place)."""
+        self._put_state(new_state)
+
+    def __call__(self, x):
+        y, new_state = _L.post_process_apply(self.config, self._get_state(), x,
+                                             axis_name=self.axis_name)
+        self._put_state(new_state)
+        return y
+
+    # -- torch-like helpers ---------------------------------------------------------------
+    def calculate_qparams(self):
+        """``(scale, zero_point)`` from the config's rule (torch's ``calculate_qparams()``)."""
+        return self.config.calculate_qparams(self.state)
+
+    def state_dict(self) -> dict:
+        """``{key: np.ndarray}`` with torch's buffer names (this module's part of a state dict)."""
+        return self.config.state_dict(self.state)
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Loads a (jquant or torch) state dict into the Variables, in place."""
+        new = self.config.load_state_dict(state_dict, strict=strict)
+        self._replace_state(new)
+
+    def _replace_state(self, new):
+        old = self.state
+        if jax.tree.structure(old) == jax.tree.structure(new):
+            # shapes may change (torch resizes scale/zero_point on load)
+            self._put_state(new)
+        else:
+            raise StateDictError(f"state structure of {type(self.config).__name__} changed on load")
+
+    def get_tensor_value(self) -> list:
+        """RecordingObserver: the recorded tensors (torch's ``get_tensor_value()``)."""
+        fn = getattr(self.config, "get_tensor_value", None)
+        if fn is None:
+            raise AttributeError(f"{type(self.config).__name__} records no tensors")
+        return fn(self.state)
+
+    def reset_min_max_vals(self) -> None:
+        self._put_state(self.config.reset_min_max_vals(self.state))
+
+    def _call_toggle(self, name):
+        fn = getattr(self.config, name, None)
+        if fn is None:
+            raise AttributeError(f"{type(self.config).__name__} has no {name}")
+        self._put_state(fn(self.state))
+
+    def enable_param_learning(self) -> None:
+        """LearnableFakeQuantize: learn scale/zero point (learning on, static estimate off)."""
+        self._call_toggle("enable_param_learning")
+
+    def enable_static_estimate(self) -> None:
+        """LearnableFakeQuantize: qparams from the observer (learning off, fake quant on)."""
+        self._call_toggle("enable_static_estimate")
+
+    def enable_static_observation(self) -> None:
+        """LearnableFakeQuantize: observe only (learning off, fake quant off)."""
+        self._call_toggle("enable_static_observation")
+
+    def __repr__(self):  # compact: config plus paths
+        return f"PostProcess({self.config!r})"
+
+
+# ---------------------------------------------------------------------------------------
+# jq.enable_observer / disable_observer / enable_fake_quant / disable_fake_quant on NNX
+# ---------------------------------------------------------------------------------------
+
+def _iter_stats(node):
+    for path, v in nnx.iter_graph(node):
+        if isinstance(v, QuantStat) and path:
+            yield path, v
+
+
+def _set_module_flags(module, values: dict):
+    """Sets flags in place (Variables named like the flags) and returns the module."""
+    for path, var in _iter_stats(module):
+        name = path[-1]
+        if name in values:
+            old = var.get_value()
+            var.set_value(jnp.full(jnp.shape(old), values[name], dtype=jnp.asarray(old).dtype))
+    return module
+
+
+def _set_state_flags(state, values: dict):
+    """Returns a copy of an ``nnx.State`` with the named flag Variables set."""
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if path and path[-1] in values and isinstance(var, QuantStat):
+            old = var.get_value()
+            var = var.replace(jnp.full(jnp.shape(old), values[path[-1]], dtype=jnp.asarray(old).dtype))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
+
+
+_flags.register_flag_handler(nnx.Module, _set_module_flags)
+_flags.register_flag_handler(nnx.State, _set_state_flags)
+
+
+def as_numpy_tree(tree: Any):
+    return jax.tree.map(np.asarray, tree)
