@@ -9,6 +9,12 @@ Every op computes in float32 (inputs of other float dtypes are cast, outputs cas
 multiplies by the reciprocal of the scale and rounds half to even, as torch's CPU kernels
 do. The backward passes keep only a boolean mask as residual (never a copy of the input),
 except the learnable ops, whose scale/zero-point gradients need the input itself.
+
+Deviations from torch (tested in ``tests/test_bad_input.py``): values are never checked, so
+the ops stay traceable. A zero point outside ``[quant_min, quant_max]`` (including the
+``INT32_MIN`` a NaN range produces) is used as given, where torch raises RuntimeError. XLA
+on CPU flushes float32 subnormal inputs (|x| < 2**-126) to zero before scaling, so they
+fake-quantize as 0 even when ``x / scale`` would round to a nonzero level.
 """
 from __future__ import annotations
 

@@ -481,9 +481,12 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         return state._replace(static_enabled=_flag(enabled))
 
     def calculate_qparams(self, state):
-        """``(max(scale, eps), int32(clamp(round(zero_point))))``, as torch."""
+        """``(max(scale, eps), int32(clamp(round(zero_point))))``, as torch.
+
+        A NaN zero point gives ``INT32_MIN`` (torch: ``INT64_MIN``, x86's NaN cast).
+        """
         scale = jnp.maximum(state.scale, state.eps)
-        zp = jnp.clip(nm.rne(state.zero_point), self.quant_min, self.quant_max).astype(jnp.int32)
+        zp = nm.x86_f32_to_int32(jnp.clip(nm.rne(state.zero_point), self.quant_min, self.quant_max))
         return scale, zp
 
     def apply(self, state: LearnableFakeQuantizeState, x, *, axis_name=None):

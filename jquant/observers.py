@@ -16,6 +16,21 @@ Where torch mutates buffers in ``forward``, an observer here is a frozen, hashab
 
 ``obs(state, x)`` / ``obs.apply(state, x)`` return ``(x, new_state)`` (torch's forward
 returns its input unchanged), the protocol fake-quantize modules share.
+
+Deviations from torch (each tested in ``tests/test_bad_input.py``):
+
+* Subnormal inputs: XLA on CPU flushes float32 subnormals to zero, so an input such as
+  ``4.58e-41`` is observed as ``0.0`` (torch stores it in ``max_val``). The qparams agree
+  (the scale is clamped to ``eps`` either way).
+* Per-channel states are ``(C,)`` of ``+inf``/``-inf`` until observed (static shapes), where
+  torch starts from empty buffers; unobserved channels give ``(1.0, 0)`` instead of an error.
+* ``min_val > max_val`` raises ``ValueError`` only for concrete states (not under ``jit``).
+* ``dtype=jnp.uint8`` is torch's ``quint8``: symmetric + ``reduce_range`` is rejected for it
+  (torch rejects it for quint8 but not for ``torch.uint8``).
+* Stricter validation: ``eps`` must be positive and finite, ``averaging_constant`` in
+  ``(0, 1]``, integer arguments integral (torch accepts these silently).
+* ``load_state_dict`` always loads the given ``eps``; torch replaces it with the default
+  when the state dict carries no version metadata.
 """
 from __future__ import annotations
 
