@@ -477,18 +477,31 @@ class _QATFusedMixin(_QuantMixin):
     ``w' = weight_fake_quant(w * gamma / sqrt(running_var + eps))``; ``y = layer(x, w') /
     scale_factor (+ bias)``; then batch norm (batch statistics and a running-stat update
     while training, running statistics when frozen or ``use_running_average``), ReLU, and
-    the activation post-process.
+    the activation post-process. The BatchNorm's ``momentum`` / ``epsilon`` /
+    ``axis_name`` are used (flax's momentum convention: torch's 0.1 is flax's 0.9); the
+    running variance takes the biased batch variance as flax's BatchNorm does, or the
+    unbiased one as torch's with ``bn_unbiased_running_var=True``.
     """
 
     def _setup_quant(self, qconfig, *, weight=True, axis_name=None):
         super()._setup_quant(qconfig, weight=weight, axis_name=axis_name)
-        if self._has_bn and "freeze_bn" not in vars(self):
-            self.freeze_bn = False
+        if self._has_bn:
+            if "freeze_bn" not in vars(self):
+                self.freeze_bn = False
+            if "bn_unbiased_running_var" not in vars(self):
+                self.bn_unbiased_running_var = False
 
     @classmethod
-    def from_fused(cls, mod, qconfig, *, axis_name=None):
+    def from_fused(cls, mod, qconfig, *, axis_name=None, bn_unbiased_running_var=False):
+        """The QAT twin of a float fused module (same Variables).
+
+        ``bn_unbiased_running_var``: update ``running_var`` with the unbiased batch
+        variance, as torch's BatchNorm does (default: the biased one, as flax's BatchNorm).
+        """
         new = swap_class(mod, cls)
         new._setup_quant(qconfig, axis_name=axis_name)
+        if cls._has_bn:
+            new.bn_unbiased_running_var = bool(bn_unbiased_running_var)
         return new
 
     def _scale_factor(self):
@@ -527,8 +540,9 @@ class _QATFusedMixin(_QuantMixin):
             beta = None if bn.bias is None else bn.bias[...]
             if self._training(use_running_average):
                 stats = _L.bn_stats(y, tuple(range(y.ndim - 1)), axis_name=bn.axis_name)
-                new_mean, new_var = _L.bn_update_running(bn.mean[...], bn.var[...], stats,
-                                                         bn.momentum, unbiased=True)
+                new_mean, new_var = _L.bn_update_running(
+                    bn.mean[...], bn.var[...], stats, bn.momentum,
+                    unbiased=self.bn_unbiased_running_var)
                 bn.mean[...] = jax.lax.stop_gradient(new_mean)
                 bn.var[...] = jax.lax.stop_gradient(new_var)
                 y = _L.bn_normalize(y, stats.mean, stats.var, gamma, beta, bn.epsilon)

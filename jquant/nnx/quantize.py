@@ -13,6 +13,7 @@ torch's ``fuse_modules_qat`` does).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 from flax import nnx
@@ -57,7 +58,8 @@ def _set_child(parent, key, value):
         raise ValueError(f"cannot replace child {key!r} of immutable container "
                          f"{type(parent).__name__}; use a list or nnx.List")
     if isinstance(parent, nnx.Module) and isinstance(key, str):
-        setattr(parent, key, value)
+        # nnx.data: the slot may have held static data (e.g. a relu function attribute)
+        setattr(parent, key, nnx.data(value) if isinstance(value, nnx.Module) else value)
     else:
         impl.set_key(parent, key, value)
 
@@ -136,7 +138,7 @@ def _is_float_qparams_weight(qconfig):
     return qconfig is not None and _L.is_float_qparams(_L.build(qconfig.weight))
 
 
-def _swap(mod, qconfig, qat: bool, axis_name):
+def _swap(mod, qconfig, qat: bool, axis_name, bn_unbiased=False):
     """The replacement for ``mod``, ``_LEAF`` (stop, keep), or None (recurse)."""
     t = type(mod)
     if isinstance(mod, _PREPARED) or isinstance(mod, _SKIP):
@@ -158,14 +160,15 @@ def _swap(mod, qconfig, qat: bool, axis_name):
     if t is nnx.Conv:
         return M.Conv.from_float(mod, qconfig, axis_name=axis_name)
     if fused:
-        return M.FLOAT_TO_QAT_FUSED[t].from_fused(mod, qconfig, axis_name=axis_name)
+        return M.FLOAT_TO_QAT_FUSED[t].from_fused(mod, qconfig, axis_name=axis_name,
+                                                  bn_unbiased_running_var=bn_unbiased)
     if t in (nnx.Embed, M.EmbeddingBag) and _is_float_qparams_weight(qconfig):
         cls = M.Embed if t is nnx.Embed else M.QATEmbeddingBag
         return cls.from_float(mod, qconfig, axis_name=axis_name)
     return M.observe(mod, qconfig, axis_name=axis_name)
 
 
-def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name):
+def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased=False):
     replaced: dict[int, Any] = {}
     visited: set[int] = set()
 
@@ -186,7 +189,7 @@ def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name):
     def handle(mod, path, inherited):
         if isinstance(mod, nnx.Module):
             qc = _module_qconfig(spec, _path_str(path), mod, inherited)
-            new = _swap(mod, qc, qat, axis_name)
+            new = _swap(mod, qc, qat, axis_name, bn_unbiased)
             if new is _LEAF:
                 return None
             if new is not None:
@@ -230,7 +233,8 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
     return out
 
 
-def prepare_qat(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
+def prepare_qat(model, qconfig_spec=None, *, fuse=(), inplace: bool = False, axis_name=None,
+                bn_unbiased_running_var: bool = False):
     """Swaps layers for QAT twins with fake quantization; ``torch.ao.quantization.prepare_qat``.
 
     Same arguments as :func:`prepare`. ``nnx.Linear`` -> :class:`~jquant.nnx.Linear`,
@@ -242,11 +246,19 @@ def prepare_qat(model, qconfig_spec=None, *, inplace: bool = False, axis_name=No
     leaf's output passes through ``activation_post_process = qconfig.activation()``.
     Parameter paths are unchanged; train with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
     inside ``nnx.jit`` as usual.
+
+    ``fuse``: groups for :func:`fuse_modules_qat`, applied first (as the Linen front
+    end's ``prepare_qat(..., fuse=...)``). ``bn_unbiased_running_var``: fused BatchNorms
+    update ``running_var`` with the unbiased batch variance as torch does (default: the
+    biased one, as flax's BatchNorm).
     """
     if not inplace:
         model = nnx.clone(model)
+    if fuse:
+        model = fuse_modules_qat(model, fuse, inplace=True)
     spec = _L.QConfigSpec(qconfig_spec)
-    out = _prepare_graph(model, spec, qat=True, axis_name=axis_name)
+    out = _prepare_graph(model, spec, qat=True, axis_name=axis_name,
+                         bn_unbiased=bn_unbiased_running_var)
     spec.warn_unmatched()
     return out
 
@@ -291,10 +303,21 @@ def _relu_fns():
     return (jax.nn.relu, nnx.relu)
 
 
+def _warn_functional_relu(entry):
+    warnings.warn(
+        f"fuse_modules_qat: the ReLU {entry!r} is not a module or attribute, so the model's own "
+        f"relu call stays after the fused module. Values are unchanged (relu is idempotent), but "
+        f"relu's zero derivative at 0 blocks the straight-through gradient of outputs that "
+        f"fake-quantize to exactly 0, where torch (ReLU module -> Identity) passes it. Keep the "
+        f"relu as a module attribute (self.act = nnx.relu) or an nnx.Sequential entry and name "
+        f"it here to match torch's gradients exactly.", UserWarning, stacklevel=4)
+
+
 def _relu_entry(model, entry):
     """(is_relu, path_to_replace_or_None) for the last entry of a fusion group."""
     if callable(entry) and not isinstance(entry, nnx.Module):
         if entry in _relu_fns():
+            _warn_functional_relu(getattr(entry, "__name__", "relu"))
             return True, None
         return False, None
     if isinstance(entry, str):
@@ -302,6 +325,8 @@ def _relu_entry(model, entry):
             _, _, obj = _resolve(model, entry)
         except KeyError:
             last = entry.split(".")[-1].lower()
+            if last == "relu":
+                _warn_functional_relu(entry)
             return (last == "relu"), None
         if callable(obj) and not isinstance(obj, nnx.Module) and obj in _relu_fns():
             return True, entry
@@ -319,9 +344,15 @@ def fuse_modules_qat(model, modules_to_fuse, *, inplace: bool = False):
     :class:`ConvReLU`, :class:`LinearBn`, :class:`LinearReLU`; the BatchNorm becomes its
     child ``bn``) and the others become :class:`Identity`. flax applies ReLU as a function:
     a last entry that is ``jax.nn.relu`` / ``nnx.relu``, a path naming such a function
-    (e.g. inside ``nnx.Sequential``; it becomes an identity) or a path ending in ``relu``
-    that names nothing (the model's own ``relu`` call, idempotent after the fused one)
-    marks the ReLU. Requirements (as torch): BatchNorm features == output channels, affine.
+    (an attribute ``self.act = nnx.relu`` or an ``nnx.Sequential`` entry; it becomes an
+    :class:`Identity`, as torch's ReLU module does) or a path ending in ``relu`` that
+    names nothing (the model calls ``nnx.relu`` itself) marks the ReLU. The fused module
+    applies the ReLU before its activation post-process, as torch does. In the last two
+    cases the model's own relu stays after the fused module: values are unchanged (relu
+    is idempotent) but relu's zero derivative at 0 blocks the straight-through gradient of
+    outputs that fake-quantize to exactly 0 (a UserWarning says so for a path naming
+    nothing); name a relu attribute / Sequential entry for torch's gradients exactly.
+    Requirements (as torch): BatchNorm features == output channels, affine BatchNorm.
     """
     if not inplace:
         model = nnx.clone(model)
