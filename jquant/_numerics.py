@@ -55,12 +55,19 @@ def _mul_isolated(a, b):
 @_mul_isolated.def_vmap
 def _mul_isolated_vmap(axis_size, in_batched, a, b):
     # Keep the conditional's predicate unbatched (a batched one becomes a select, which
-    # XLA folds away): apply the isolated multiply to the whole batch at once.
-    if not in_batched[0]:
-        a = jnp.broadcast_to(a, (axis_size,) + a.shape)
-    if not in_batched[1]:
-        b = jnp.broadcast_to(b, (axis_size,) + b.shape)
-    return _mul_isolated(a, b), True
+    # XLA folds away): apply the isolated multiply to the whole batch at once. Each
+    # example's operands broadcast against each other (e.g. a scalar constant times a
+    # (C,) vector), so both are brought to (axis_size, *broadcast shape) first.
+    a_ex = a.shape[1:] if in_batched[0] else a.shape
+    b_ex = b.shape[1:] if in_batched[1] else b.shape
+    out_ex = tuple(jnp.broadcast_shapes(a_ex, b_ex))
+
+    def lift(x, batched, ex):
+        if batched:  # batch axis first, then the example's dims right-aligned
+            x = x.reshape((axis_size,) + (1,) * (len(out_ex) - len(ex)) + tuple(ex))
+        return jnp.broadcast_to(x, (axis_size,) + out_ex)
+
+    return _mul_isolated(lift(a, in_batched[0], a_ex), lift(b, in_batched[1], b_ex)), True
 
 
 @jax.custom_jvp
