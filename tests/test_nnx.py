@@ -1,0 +1,340 @@
+"""jquant.nnx: prepare / prepare_qat by graph surgery on unmodified flax.nnx models.
+
+torch 2.13 is the oracle where a number is compared (single QAT layers, fused nniqat
+modules, embedding QAT, PTQ observers); seed counterparts of torch's
+test_workflow_module.py are named after the torch test.
+"""
+import io
+import warnings
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import torch
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.qat as nnqat
+import torch.ao.quantization as tq
+from flax import nnx, serialization
+
+import jquant as jq
+import jquant.nnx as jqn
+import torch_models as tm
+
+RNG = np.random.default_rng(0)
+Z = nnx.initializers.zeros  # deterministic weights are written in (random init compiles slowly)
+
+
+def _rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _lin(i, o, **kw):
+    m = nnx.Linear(i, o, kernel_init=Z, rngs=nnx.Rngs(0), **kw)
+    m.kernel[...] = jnp.asarray(_rand(i, o, scale=1 / np.sqrt(i)), m.kernel[...].dtype)
+    if m.bias is not None:
+        m.bias[...] = jnp.asarray(_rand(o, scale=0.1), m.bias[...].dtype)
+    return m
+
+
+def _conv(i, o, k, **kw):
+    m = nnx.Conv(i, o, k, kernel_init=Z, rngs=nnx.Rngs(0), **kw)
+    shape = m.kernel[...].shape
+    m.kernel[...] = jnp.asarray(_rand(*shape, scale=1 / np.sqrt(np.prod(shape[:-1]))), m.kernel[...].dtype)
+    if m.bias is not None:
+        m.bias[...] = jnp.asarray(_rand(o, scale=0.1), m.bias[...].dtype)
+    return m
+
+
+def _bn(c, **kw):
+    m = nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **kw)
+    m.scale[...] = jnp.asarray(RNG.uniform(0.5, 1.5, c).astype(np.float32))
+    m.bias[...] = jnp.asarray(RNG.uniform(-0.2, 0.2, c).astype(np.float32))
+    return m
+
+
+def _np(a):
+    return np.asarray(a, np.float64)
+
+
+def _rel(a, b):
+    a, b = _np(a), _np(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if b.size else 0.0
+
+
+def _params(model):
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+
+
+# ---------------------------------------------------------------------------------------
+# stubs, structure, spec
+# ---------------------------------------------------------------------------------------
+
+class Net(nnx.Module):
+    def __init__(self):
+        self.quant = jqn.QuantStub()
+        self.encoder = nnx.List([_lin(6, 8), _lin(8, 8)])
+        self.conv = _conv(2, 4, (3,), padding="VALID")
+        self.bn = _bn(4)
+        self.drop = nnx.Dropout(0.0, deterministic=True)
+        self.head = _lin(8, 3)
+        self.dequant = jqn.DeQuantStub()
+
+    def __call__(self, x, s):
+        x = self.quant(x)
+        for layer in self.encoder:
+            x = nnx.relu(layer(x))
+        s = self.bn(self.conv(s), use_running_average=False)
+        return self.dequant(self.head(self.drop(x)) + s.mean(axis=(1, 2))[:, None])
+
+
+def test_stubs_are_identities_until_prepared():
+    x = jnp.asarray(_rand(2, 6))
+    assert jqn.QuantStub()(x) is x and jqn.DeQuantStub()(x) is x
+    w = jqn.QuantWrapper(_lin(6, 3))
+    np.testing.assert_array_equal(w(x), w.module(x))
+    p = jqn.prepare(w, jq.default_qconfig)
+    assert isinstance(p.quant.activation_post_process, jqn.PostProcess)
+    assert not hasattr(p.dequant, "activation_post_process")  # DeQuantStub never observes
+    np.testing.assert_array_equal(p(x), w(x))  # observers return their input
+    assert float(p.quant.activation_post_process.state.max_val) == float(jnp.max(x))
+
+
+def test_prepare_qat_keeps_parameter_paths_and_values():
+    model = Net()
+    before = _params(model)
+    q = jqn.prepare_qat(model, jq.get_default_qat_qconfig("x86"))
+    assert _params(q).keys() == before.keys()
+    for k, v in _params(q).items():
+        np.testing.assert_array_equal(v, before[k], err_msg=str(k))
+    assert type(q.encoder[0]) is jqn.Linear and isinstance(q.encoder[0], nnx.Linear)
+    assert type(q.conv) is jqn.Conv and type(q.head) is jqn.Linear
+    assert type(q.bn).__name__ == "ObservedBatchNorm"  # torch observes BatchNorm outputs too
+    assert type(q.drop) is nnx.Dropout  # skipped, as torch's Dropout
+    assert type(model.head) is nnx.Linear  # not in place: the float model is untouched
+    s = jnp.asarray(_rand(2, 5, 2))
+    x = jnp.asarray(_rand(2, 6))
+    assert nnx.jit(lambda m, a, b: m(a, b))(q, x, s).shape == (2, 3)
+    paths = jqn.get_observer_dict(q)
+    assert "head.weight_fake_quant" in paths and "quant.activation_post_process" in paths
+    assert "dequant.activation_post_process" not in paths and "drop.activation_post_process" not in paths
+
+
+def test_qconfig_spec_paths_types_none_and_unmatched_warning():
+    qc_a = jq.get_default_qat_qconfig("x86")
+    qc_b = jq.get_default_qat_qconfig("qnnpack")
+    model = Net()
+    spec = {r"encoder\.1": qc_b, "encoder": qc_a, nnx.Conv: qc_b, "head": None, "nowhere.*": qc_a,
+            nnx.Embed: qc_a}
+    with pytest.warns(UserWarning, match="nowhere.*Embed|Embed.*nowhere"):
+        q = jqn.prepare_qat(model, spec)
+    assert q.encoder[0].qconfig == qc_a and q.encoder[1].qconfig == qc_b  # path beats parent
+    assert q.conv.qconfig == qc_b  # type entry
+    assert type(q.head) is nnx.Linear  # None leaves it float
+    assert not hasattr(q.quant, "activation_post_process") or q.quant.activation_post_process is None
+    # a module's own qconfig attribute wins (torch's priority)
+    model = Net()
+    model.head.qconfig = qc_b
+    q = jqn.prepare_qat(model, qc_a)
+    assert q.head.qconfig == qc_b and q.encoder[0].qconfig == qc_a
+    table = jqn.propagate_qconfig(Net(), {"head": None, "": qc_a})
+    assert table["head"] is None and table["encoder.0"] == qc_a and table[""] == qc_a
+
+
+def test_invalid_specs_raise_value_error():
+    with pytest.raises(ValueError, match="qconfig_spec"):
+        jqn.prepare_qat(Net(), "x86")
+    with pytest.raises(ValueError, match="regular expression"):
+        jqn.prepare_qat(Net(), {"(": jq.default_qat_qconfig})
+    with pytest.raises(ValueError, match="qconfig_spec"):
+        jqn.prepare_qat(Net(), {"head": "x86"})
+    with pytest.raises(ValueError, match="float_qparams"):
+        jqn.Embed(4, 3, qconfig=jq.default_qat_qconfig, rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="issue"):
+        jqn.convert(Net())
+
+
+# ---------------------------------------------------------------------------------------
+# single QAT layers vs torch nnqat
+# ---------------------------------------------------------------------------------------
+
+def _torch_layer_qat(layer, backend):
+    seq = torch.nn.Sequential(layer).train()
+    seq.qconfig = tq.get_default_qat_qconfig(backend)
+    # torch's default eager QAT mapping lacks Conv1d (jquant swaps every nnx.Conv): add it
+    mapping = {**tq.get_default_qat_module_mappings(), torch.nn.Conv1d: nnqat.Conv1d}
+    tq.prepare_qat(seq, mapping=mapping, inplace=True)
+    return seq
+
+
+@nnx.jit
+def _grad_and_out(model, x):
+    def loss(m):
+        y = m(x)
+        return y.sum(), y
+    return nnx.grad(loss, has_aux=True)(model)
+
+
+@pytest.mark.parametrize("kind,backend", [("linear", "x86"), ("conv1d", "x86"), ("conv2d", "qnnpack"),
+                                          ("conv3d", "x86")])
+def test_qat_layer_matches_torch(kind, backend):
+    if kind == "linear":
+        j = _lin(6, 5)
+        t = torch.nn.Linear(6, 5)
+        x = _rand(4, 6)
+        tw = tm.dense_kernel_to_torch(j.kernel[...])
+        to_t, from_t = (lambda a: a), (lambda a: a)
+    else:
+        nd = int(kind[-2])
+        groups = 2 if nd == 2 else 1
+        j = _conv(4, 6, (3,) * nd, padding="VALID", feature_group_count=groups)
+        t = getattr(torch.nn, f"Conv{nd}d")(4, 6, 3, groups=groups)
+        x = _rand(2, *([6] * nd), 4)
+        tw = tm.conv_kernel_to_torch(j.kernel[...])
+        perm = (0, nd + 1) + tuple(range(1, nd + 1))
+        to_t = lambda a: np.transpose(a, perm)
+        from_t = lambda a: np.transpose(a, np.argsort(perm))
+    with torch.no_grad():
+        t.weight.copy_(_t(tw))
+        t.bias.copy_(_t(j.bias[...]))
+    tseq = _torch_layer_qat(t, backend)
+    q = jqn.prepare_qat(j, jq.get_default_qat_qconfig(backend))
+    assert type(q) is (jqn.Linear if kind == "linear" else jqn.Conv)
+    for step in range(2):
+        xt = _t(to_t(x * (step + 1))).requires_grad_(True)
+        yt = tseq(xt)
+        yt.sum().backward()
+
+        g, y = _grad_and_out(q, jnp.asarray(x * (step + 1)))
+        np.testing.assert_allclose(from_t(yt.detach().numpy()), y, rtol=1e-5, atol=1e-6)
+        tg = tseq[0].weight.grad.numpy()
+        jg = (tm.dense_kernel_to_torch if kind == "linear" else tm.conv_kernel_to_torch)(g["kernel"][...])
+        assert _rel(jg, tg) <= 1e-5
+        tseq[0].weight.grad = None
+    tobs = {k: v.detach().numpy() for k, v in tseq.state_dict().items()
+            if "fake_quant" in k or "post_process" in k}
+    jobs = {k.replace("weight_fake_quant", "0.weight_fake_quant").replace(
+        "activation_post_process", "0.activation_post_process", 1) if not k.startswith("weight") else
+        "0." + k: v for k, v in jqn.get_observer_state_dict(q).items()}
+    assert set(tobs) == set(jobs), set(tobs) ^ set(jobs)
+    for k in tobs:
+        assert _rel(jobs[k], tobs[k]) <= 1e-5, k
+
+
+# ---------------------------------------------------------------------------------------
+# nnx.jit training loops, flags, structure
+# ---------------------------------------------------------------------------------------
+
+class Small(nnx.Module):
+    def __init__(self):
+        self.conv = _conv(1, 4, (3, 3), padding="SAME")
+        self.bn = _bn(4)
+        self.act = nnx.relu
+        self.fc = _lin(4 * 4 * 4, 3)
+
+    def __call__(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+TRACES = []
+
+
+@nnx.jit
+def _step(model, optimizer, x, y):
+    TRACES.append(1)
+
+    def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def _small_data(n=4):
+    return jnp.asarray(_rand(n, 4, 4, 1)), jnp.asarray(RNG.integers(0, 3, n).astype(np.int32))
+
+
+def test_nnx_jit_training_flags_and_state_structure():
+    model = jqn.prepare_qat(Small(), jq.get_default_qat_qconfig("x86"),
+                            fuse=[("conv", "bn", "act")])
+    model.train()
+    assert type(model.conv) is jqn.qat.ConvBnReLU and type(model.bn) is jqn.Identity
+    assert type(model.act) is jqn.Identity
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    graphdef = nnx.graphdef(model)
+    var_ids = {k: id(v) for k, v in nnx.to_flat_state(nnx.state(model))}
+    shapes = jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(model))
+    x, y = _small_data()
+    TRACES.clear()
+    losses = [float(_step(model, optimizer, x, y)) for _ in range(3)]
+    assert len(TRACES) == 1 and losses[-1] < losses[0]
+    app = model.fc.activation_post_process
+    before = app.state
+    jq.disable_observer(model)  # in place on an NNX module, no retrace (flags are arrays)
+    assert int(app.observer_enabled[...][0]) == 0
+    assert int(model.conv.weight_fake_quant.observer_enabled[...][0]) == 0
+    _step(model, optimizer, x, y)
+    assert len(TRACES) == 1
+    np.testing.assert_array_equal(app.state.scale, before.scale)
+    np.testing.assert_array_equal(app.state.activation_post_process.min_val,
+                                  before.activation_post_process.min_val)
+    jq.enable_observer(model)
+    _step(model, optimizer, x, y)
+    assert float(app.state.activation_post_process.min_val) != float(before.activation_post_process.min_val)
+    # fake quant off: the prepared model computes the float function (observers still run)
+    jq.disable_fake_quant(model)
+    jqn.freeze_bn_stats(model)
+    model.eval()
+    out_q = _forward(model, x)
+    jq.enable_fake_quant(model)
+    # "fake quant preserves buffers": same Variable objects, graph and shapes after all that
+    assert nnx.graphdef(model) != graphdef  # freeze_bn / eval are static changes ...
+    jqn.update_bn_stats(model)
+    model.train()
+    assert nnx.graphdef(model) == graphdef  # ... and undoing them restores the graph
+    assert {k: id(v) for k, v in nnx.to_flat_state(nnx.state(model))} == var_ids
+    assert jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(model)) == shapes
+    float_model = Small()
+    c = model.conv
+    float_model.conv.kernel[...] = c.kernel[...]
+    float_model.conv.bias[...] = c.bias[...]
+    for name in ("scale", "bias", "mean", "var"):
+        getattr(float_model.bn, name)[...] = getattr(c.bn, name)[...]
+    float_model.fc.kernel[...] = model.fc.kernel[...]
+    float_model.fc.bias[...] = model.fc.bias[...]
+    float_model.eval()
+    np.testing.assert_allclose(out_q, _forward(float_model, x), rtol=1e-5, atol=1e-6)
+
+
+@nnx.jit
+def _forward(model, x):
+    return model(x)
+
+
+def test_flags_on_nnx_state_and_freeze_bn():
+    model = jqn.prepare_qat(Small(), jq.get_default_qat_qconfig("qnnpack"),
+                            fuse=[("conv", "bn", "act")])
+    model.train()
+    state = nnx.state(model)
+    off = jq.disable_fake_quant(state)  # an nnx.State: a new State, the model is untouched
+    flat = dict(nnx.to_flat_state(off))
+    assert int(flat[("fc", "weight_fake_quant", "fake_quant_enabled")].get_value()[0]) == 0
+    assert int(model.fc.weight_fake_quant.fake_quant_enabled[...][0]) == 1
+    x, _ = _small_data()
+    _forward(model, x)
+    mean = np.asarray(model.conv.bn.mean[...])
+    jqn.freeze_bn_stats(model)
+    _forward(model, x)
+    np.testing.assert_array_equal(model.conv.bn.mean[...], mean)
+    model.train()  # does not unfreeze (as torch)
+    _forward(model, x)
+    np.testing.assert_array_equal(model.conv.bn.mean[...], mean)
+    jqn.update_bn_stats(model)
+    _forward(model, x)
+    assert not np.array_equal(model.conv.bn.mean[...], mean)
