@@ -8,9 +8,13 @@ comes out identical on every device and equal to the single-device state over th
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 from jax import lax
 
-__all__ = ["all_min", "all_max", "all_sum", "all_gather", "axis_size"]
+__all__ = ["all_min", "all_max", "all_sum", "all_gather", "axis_size", "place_like",
+           "placed_init"]
 
 
 def all_min(x, axis_name=None):
@@ -42,3 +46,37 @@ def axis_size(axis_name=None) -> int:
     for name in names:
         n *= int(lax.axis_size(name))
     return n
+
+
+def place_like(tree, x):
+    """``tree`` (a state) placed where the array ``x`` lives.
+
+    A committed single-device ``x`` puts the state on that device; an ``x`` with a
+    ``NamedSharding`` puts it replicated on the same mesh. Anything else (uncommitted
+    arrays, tracers, ``jax.ShapeDtypeStruct``, ``None``) leaves ``tree`` as it is.
+    """
+    if x is None or isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return tree
+    if not getattr(x, "committed", False):
+        return tree
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    elif len(sharding.device_set) == 1:
+        target = jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+    else:
+        return tree
+    return jax.device_put(tree, target)
+
+
+def placed_init(init):
+    """Wraps an ``init(self, x=None, ...)`` so its state follows ``x``'s placement."""
+    if getattr(init, "_jquant_placed", False):
+        return init
+
+    @functools.wraps(init)
+    def wrapper(self, x=None, *args, **kwargs):
+        return place_like(init(self, x, *args, **kwargs), x)
+
+    wrapper._jquant_placed = True
+    return wrapper

@@ -144,7 +144,13 @@ class FakeQuantizeBase(Config):
     activation_post_process: ObserverBase
     state_keys: tuple = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "init" in cls.__dict__:  # every subclass's init places its state like x
+            cls.init = collectives.placed_init(cls.__dict__["init"])
+
     def init(self, x=None):
+        """A fresh state (placed on a committed ``x``'s device / replicated on its mesh)."""
         raise NotImplementedError
 
     def apply(self, state, x, *, axis_name=None):

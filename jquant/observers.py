@@ -122,8 +122,17 @@ class ObserverBase(Config):
             raise ValueError(f"{owner}: state.min_val has shape {jnp.shape(state.min_val)}, but "
                              f"this observer keeps a {kind} state (was it made by another observer?)")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "init" in cls.__dict__:  # every subclass's init places its state like x
+            cls.init = collectives.placed_init(cls.__dict__["init"])
+
     def init(self, x=None):
-        """A fresh state. ``x``: an array or ``jax.ShapeDtypeStruct`` (needed for per-channel)."""
+        """A fresh state. ``x``: an array or ``jax.ShapeDtypeStruct`` (needed for per-channel).
+
+        The state lives where a committed ``x`` lives (its device, or replicated on its
+        mesh); ``update`` keeps it there.
+        """
         raise NotImplementedError
 
     def update(self, state, x, *, axis_name=None):
