@@ -338,3 +338,143 @@ def test_flags_on_nnx_state_and_freeze_bn():
     jqn.update_bn_stats(model)
     _forward(model, x)
     assert not np.array_equal(model.conv.bn.mean[...], mean)
+
+
+# ---------------------------------------------------------------------------------------
+# fusion (torch.ao.nn.intrinsic.qat)
+# ---------------------------------------------------------------------------------------
+
+class TorchFused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c2, self.b2, self.r2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.c1, self.b1 = nn.Conv1d(3, 4, 3, bias=False), nn.BatchNorm1d(4)
+        self.c3, self.r3 = nn.Conv3d(2, 3, 2), nn.ReLU()
+        self.l1, self.bl = nn.Linear(6, 5), nn.BatchNorm1d(5)
+        self.l2, self.rl = nn.Linear(6, 4), nn.ReLU()
+
+    def forward(self, x2, x1, x3, xl):
+        return (self.r2(self.b2(self.c2(x2))), self.b1(self.c1(x1)), self.r3(self.c3(x3)),
+                self.bl(self.l1(xl)), self.rl(self.l2(xl)))
+
+
+class NNXFused(nnx.Module):
+    def __init__(self):
+        self.c2, self.b2, self.r2 = _conv(3, 4, (3, 3), padding="VALID"), _bn(4), nnx.relu
+        self.c1, self.b1 = _conv(3, 4, (3,), padding="VALID", use_bias=False), _bn(4)
+        self.c3, self.r3 = _conv(2, 3, (2, 2, 2), padding="VALID"), nnx.relu
+        self.l1, self.bl = _lin(6, 5), _bn(5)
+        self.l2, self.rl = _lin(6, 4), nnx.relu
+
+    def __call__(self, x2, x1, x3, xl):
+        return (self.r2(self.b2(self.c2(x2))), self.b1(self.c1(x1)), self.r3(self.c3(x3)),
+                self.bl(self.l1(xl)), self.rl(self.l2(xl)))
+
+
+FUSE_GROUPS = [["c2", "b2", "r2"], ["c1", "b1"], ["c3", "r3"], ["l1", "bl"], ["l2", "rl"]]
+
+
+def _copy_to_torch(j, t):
+    with torch.no_grad():
+        for name in ("c2", "c1", "c3"):
+            getattr(t, name).weight.copy_(_t(tm.conv_kernel_to_torch(getattr(j, name).kernel[...])))
+        for name in ("l1", "l2"):
+            getattr(t, name).weight.copy_(_t(tm.dense_kernel_to_torch(getattr(j, name).kernel[...])))
+        for name in ("c2", "c3", "l1", "l2"):
+            getattr(t, name).bias.copy_(_t(getattr(j, name).bias[...]))
+        for name in ("b2", "b1", "bl"):
+            getattr(t, name).weight.copy_(_t(getattr(j, name).scale[...]))
+            getattr(t, name).bias.copy_(_t(getattr(j, name).bias[...]))
+
+
+def _nchw(a):
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def _nhwc(a):
+    return np.moveaxis(np.asarray(a), 1, -1)
+
+
+COEF = [_rand(4, 4, 4, 4), _rand(4, 5, 4), _rand(2, 3, 3, 3, 3), _rand(4, 5), _rand(4, 4)]
+
+
+@nnx.jit
+def _fused_grad(model, *xs):
+    def loss(m):
+        outs = m(*xs)
+        return sum(jnp.sum(o * c) for o, c in zip(outs, COEF)), outs
+    return nnx.grad(loss, has_aux=True)(model)
+
+
+def test_fused_modules_match_torch_nniqat():
+    """ConvBn2d+ReLU, ConvBn1d, ConvReLU3d, LinearBn1d, LinearReLU: train steps, then
+    freeze_bn_stats: outputs, gradients, BN running stats and fake-quant state vs torch."""
+    j = NNXFused()
+    t = TorchFused()
+    _copy_to_torch(j, t)
+    t.train()
+    t = tq.fuse_modules_qat(t, FUSE_GROUPS)
+    t.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(t, inplace=True)
+    q = jqn.prepare_qat(j, jq.get_default_qat_qconfig("x86"), fuse=FUSE_GROUPS,
+                        bn_unbiased_running_var=True)
+    q.train()
+    names = {"c2": jqn.qat.ConvBnReLU, "c1": jqn.qat.ConvBn, "c3": jqn.qat.ConvReLU,
+             "l1": jqn.qat.LinearBn, "l2": jqn.qat.LinearReLU}
+    for n, cls in names.items():
+        assert type(getattr(q, n)) is cls, n
+        assert type(getattr(t, n)).__name__ == {"c2": "ConvBnReLU2d", "c1": "ConvBn1d", "c3": "ConvReLU3d",
+                                                "l1": "LinearBn1d", "l2": "LinearReLU"}[n]
+    for n in ("b2", "b1", "bl", "r2", "r3", "rl"):
+        assert type(getattr(q, n)) is jqn.Identity
+    for step in range(3):
+        if step == 2:
+            t.apply(nniqat.freeze_bn_stats)
+            jqn.freeze_bn_stats(q)
+        xs = [_rand(4, 6, 6, 3), _rand(4, 7, 3), _rand(2, 4, 4, 4, 2), _rand(4, 6)]
+        touts = t(*[_t(_nchw(x)) if i < 3 else _t(x) for i, x in enumerate(xs)])
+        tl = sum((o * _t(_nchw(c) if i < 3 else c)).sum() for i, (o, c) in enumerate(zip(touts, COEF)))
+        t.zero_grad()
+        tl.backward()
+        g, outs = _fused_grad(q, *[jnp.asarray(x) for x in xs])
+        for i, (o, to) in enumerate(zip(outs, touts)):
+            to = to.detach().numpy()
+            assert _rel(o, _nhwc(to) if i < 3 else to) <= 1e-5, (step, i)
+        for n in ("c2", "c1", "c3"):
+            assert _rel(tm.conv_kernel_to_torch(g[n]["kernel"][...]), getattr(t, n).weight.grad) <= 1e-5
+        for n in ("l1", "l2"):
+            assert _rel(tm.dense_kernel_to_torch(g[n]["kernel"][...]), getattr(t, n).weight.grad) <= 1e-5
+        for n in ("c2", "c1", "l1"):
+            bn_t = getattr(t, n).bn
+            bn_j = getattr(q, n).bn
+            assert _rel(g[n]["bn"]["scale"][...], bn_t.weight.grad) <= 1e-5, (step, n)
+            assert _rel(bn_j.mean[...], bn_t.running_mean) <= 1e-5, (step, n)
+            assert _rel(bn_j.var[...], bn_t.running_var) <= 1e-5, (step, n)
+        tobs = tm.observer_state(t)
+        jobs = jqn.get_observer_state_dict(q)
+        assert set(tobs) == set(jobs)
+        for k in tobs:
+            assert _rel(jobs[k], tobs[k]) <= 1e-5, (step, k)
+
+
+def test_fuse_errors_and_sequential():
+    with pytest.raises(ValueError, match="features"):
+        m = NNXFused()
+        m.b2 = _bn(5)
+        jqn.fuse_modules_qat(m, [["c2", "b2"]])
+    with pytest.raises(ValueError, match="BatchNorm"):
+        jqn.fuse_modules_qat(NNXFused(), [["c2", "c1"]])
+    with pytest.raises(ValueError, match="nnx.Conv or nnx.Linear"):
+        jqn.fuse_modules_qat(NNXFused(), [["b2", "r2"]])
+    with pytest.raises(KeyError, match="nope"):
+        jqn.fuse_modules_qat(NNXFused(), [["nope", "b2"]])
+    seq = nnx.Sequential(_conv(1, 2, (3, 3)), _bn(2), nnx.relu)
+    fused = jqn.fuse_modules_qat(seq, ["layers.0", "layers.1", "layers.2"])
+    assert [type(l).__name__ for l in fused.layers] == ["ConvBnReLU", "Identity", "Identity"]
+    assert type(seq.layers[0]) is nnx.Conv  # not in place
+    fused.train()
+    q = jqn.prepare_qat(fused, jq.default_qat_qconfig)
+    assert type(q.layers[0]) is jqn.qat.ConvBnReLU
+    y = _forward(q, jnp.asarray(_rand(2, 5, 5, 1)))
+    assert y.shape == (2, 5, 5, 2) and float(jnp.min(y)) >= 0.0

@@ -504,6 +504,20 @@ class _QATFusedMixin(_QuantMixin):
             new.bn_unbiased_running_var = bool(bn_unbiased_running_var)
         return new
 
+    def freeze_bn_stats(self):
+        """Use and keep the BN running statistics (torch's ``freeze_bn_stats()`` method)."""
+        if not self._has_bn:
+            raise AttributeError(f"{type(self).__name__} has no BatchNorm")
+        self.freeze_bn = True
+        return self
+
+    def update_bn_stats(self):
+        """Batch statistics while training again (torch's ``update_bn_stats()`` method)."""
+        if not self._has_bn:
+            raise AttributeError(f"{type(self).__name__} has no BatchNorm")
+        self.freeze_bn = False
+        return self
+
     def _scale_factor(self):
         bn = self.bn
         return _L.bn_scale_factor(None if bn.scale is None else bn.scale[...], bn.var[...],

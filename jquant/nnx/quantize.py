@@ -57,9 +57,11 @@ def _set_child(parent, key, value):
     if getattr(impl, "set_key", None) is None:
         raise ValueError(f"cannot replace child {key!r} of immutable container "
                          f"{type(parent).__name__}; use a list or nnx.List")
-    if isinstance(parent, nnx.Module) and isinstance(key, str):
+    if isinstance(parent, nnx.Pytree) and isinstance(value, nnx.Module):
         # nnx.data: the slot may have held static data (e.g. a relu function attribute)
-        setattr(parent, key, nnx.data(value) if isinstance(value, nnx.Module) else value)
+        value = nnx.data(value)
+    if isinstance(parent, nnx.Pytree) and isinstance(key, str):
+        setattr(parent, key, value)
     else:
         impl.set_key(parent, key, value)
 
@@ -399,15 +401,18 @@ def fuse_modules_qat(model, modules_to_fuse, *, inplace: bool = False):
 
 def _bn_modules(model):
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, M._QATFusedMixin) and node._has_bn:
+        if isinstance(node, (M.QATConvBn, M.QATConvBnReLU)):
             yield node
 
 
 def freeze_bn_stats(model):
-    """BatchNorm of every fused QAT module uses (and keeps) its running stats; torch's ``freeze_bn_stats``.
+    """Fused QAT Conv+BN(+ReLU) modules use (and keep) their BN running stats.
 
-    In place; returns ``model``. ``model.train()`` does not undo it (as in torch); a static
-    attribute, so a jitted step retraces once.
+    ``torch.ao.nn.intrinsic.qat.freeze_bn_stats`` applied with ``model.apply``: like
+    torch's, it acts on ConvBn / ConvBnReLU (1-3D) only, not on LinearBn (call
+    ``module.freeze_bn_stats()`` on a LinearBn, as torch's ``LinearBn1d.freeze_bn_stats()``).
+    In place; returns ``model``. ``model.train()`` does not undo it (as in torch); it is a
+    static attribute, so a jitted step retraces once.
     """
     for m in _bn_modules(model):
         m.freeze_bn = True
@@ -415,7 +420,10 @@ def freeze_bn_stats(model):
 
 
 def update_bn_stats(model):
-    """Undoes :func:`freeze_bn_stats` (batch statistics while training again); in place."""
+    """Undoes :func:`freeze_bn_stats` (batch statistics while training again); in place.
+
+    ``torch.ao.nn.intrinsic.qat.update_bn_stats`` (ConvBn / ConvBnReLU only, as torch's).
+    """
     for m in _bn_modules(model):
         m.freeze_bn = False
     return model
