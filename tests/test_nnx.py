@@ -478,3 +478,156 @@ def test_fuse_errors_and_sequential():
     assert type(q.layers[0]) is jqn.qat.ConvBnReLU
     y = _forward(q, jnp.asarray(_rand(2, 5, 5, 1)))
     assert y.shape == (2, 5, 5, 2) and float(jnp.min(y)) >= 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# embeddings
+# ---------------------------------------------------------------------------------------
+
+def _emb_bag(n, d, **kw):
+    m = jqn.EmbeddingBag(n, d, embedding_init=Z, rngs=nnx.Rngs(0), **kw)
+    m.embedding[...] = jnp.asarray(_rand(n, d))
+    return m
+
+
+class BagPair(nnx.Module):
+    """test_embedding_bag_qat_config's model (tests/torch_models.EmbeddingBagPair)."""
+
+    def __init__(self):
+        self.emb1 = _emb_bag(10, 12, include_last_offset=True, mode="sum")
+        self.emb2 = _emb_bag(10, 12, include_last_offset=True, mode="sum")
+
+    def __call__(self, indices):
+        return jnp.concatenate((self.emb1(indices), self.emb2(indices)))
+
+
+@pytest.mark.parametrize("qconfig_name", ["default_embedding_qat_qconfig",
+                                          "default_embedding_qat_qconfig_4bit"])
+def test_embedding_bag_qat_config(qconfig_name):
+    model = BagPair()
+    tmodel = tm.EmbeddingBagPair().train()
+    with torch.no_grad():
+        tmodel.emb1.weight.copy_(_t(model.emb1.embedding[...]))
+        tmodel.emb2.weight.copy_(_t(model.emb2.embedding[...]))
+    tmodel.qconfig = getattr(tq, qconfig_name)
+    tq.prepare_qat(tmodel, mapping=tq.get_embedding_qat_module_mappings(), inplace=True)
+    qmodel = jqn.prepare_qat(model, getattr(jq, qconfig_name))
+    fqs = {k: v for k, v in jqn.get_observer_dict(qmodel).items() if k.endswith("weight_fake_quant")}
+    assert len(fqs) == 2 and all(type(v.config) is jq.FakeQuantize for v in fqs.values())
+    assert type(qmodel.emb1) is jqn.qat.EmbeddingBag
+    indices = RNG.integers(0, 10, (5, 12))
+    out = _forward(qmodel, jnp.asarray(indices))
+    tout = tmodel(torch.from_numpy(indices)).detach().numpy()
+    assert _rel(out, tout) <= 1e-6
+    assert qmodel.emb1.weight_fake_quant.zero_point[...].dtype == jnp.float32
+    assert qmodel.emb2.weight_fake_quant.zero_point[...].dtype == jnp.float32
+    assert type(qmodel.emb1.activation_post_process.config) is jq.NoopObserver
+    t_sd = {k: v.numpy() for k, v in tmodel.state_dict().items() if "fake_quant" in k}
+    for k, v in jqn.get_observer_state_dict(qmodel).items():
+        np.testing.assert_allclose(v, t_sd[k], rtol=1e-6, err_msg=k)
+    assert qconfig_name.endswith("4bit") == (qmodel.emb1.weight_fake_quant.config.quant_max == 15)
+
+
+class DeFusedEmbeddingBagLinear(nnx.Module):
+    """torch's DeFusedEmbeddingBagLinear (common_quantization) as an NNX model."""
+
+    def __init__(self):
+        self.emb = nnx.Embed(10, 12, embedding_init=Z, rngs=nnx.Rngs(0))
+        self.emb.embedding[...] = jnp.asarray(_rand(10, 12))
+        self.emb.qconfig = jq.default_embedding_qat_qconfig
+        self.quant = jqn.QuantStub()
+        self.dequant = jqn.DeQuantStub()
+        self.linear = _lin(12, 1)
+        self.qconfig = jq.get_default_qat_qconfig("qnnpack")
+
+    def __call__(self, indices):
+        x = jnp.sum(self.emb(indices), axis=1)
+        x = self.quant(x)
+        x = self.linear(x)
+        return self.dequant(x)
+
+
+class TorchDeFused(torch.nn.Module):
+    def __init__(self, j):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 12)
+        self.emb.qconfig = tq.default_embedding_qat_qconfig
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.linear = torch.nn.Linear(12, 1)
+        self.qconfig = tq.get_default_qat_qconfig("qnnpack")
+        with torch.no_grad():
+            self.emb.weight.copy_(_t(j.emb.embedding[...]))
+            self.linear.weight.copy_(_t(tm.dense_kernel_to_torch(j.linear.kernel[...])))
+            self.linear.bias.copy_(_t(j.linear.bias[...]))
+
+    def forward(self, indices):
+        return self.dequant(self.linear(self.quant(torch.sum(self.emb(indices), dim=1))))
+
+
+def test_embedding_qat_config():
+    model = DeFusedEmbeddingBagLinear()
+    tmodel = TorchDeFused(model).train()
+    tq.prepare_qat(tmodel, mapping=tq.get_embedding_qat_module_mappings(), inplace=True)
+    qmodel = jqn.prepare_qat(model)  # qconfigs come from the modules' own attributes
+    obs = jqn.get_observer_dict(qmodel)
+    assert sum(k.endswith("weight_fake_quant") for k in obs) == 2
+    assert sum(k.endswith("activation_post_process") for k in obs) == 3  # emb, quant, linear
+    assert type(qmodel.emb) is jqn.Embed
+    assert type(qmodel.emb.weight_fake_quant.config) is jq.FakeQuantize
+    assert qmodel.emb.weight_fake_quant.zero_point[...].dtype == jnp.float32
+    assert type(qmodel.emb.activation_post_process.config) is jq.NoopObserver
+    assert type(qmodel.linear.weight_fake_quant.config) is jq.FusedMovingAvgObsFakeQuantize
+    assert type(qmodel.linear.activation_post_process.config) is jq.FusedMovingAvgObsFakeQuantize
+    indices = RNG.integers(0, 10, (5, 12))
+    for _ in range(2):
+        out = _forward(qmodel, jnp.asarray(indices))
+        tout = tmodel(torch.from_numpy(indices)).detach().numpy()
+        assert _rel(out, tout) <= 1e-5
+    t_sd = {k: v.numpy() for k, v in tmodel.state_dict().items()
+            if "fake_quant" in k or "post_process" in k}
+    j_sd = jqn.get_observer_state_dict(qmodel)
+    assert set(t_sd) == set(j_sd)
+    for k in t_sd:
+        assert _rel(j_sd[k], t_sd[k]) <= 1e-5, k
+
+
+def test_embedding_bag_float_matches_torch():
+    F = torch.nn.functional
+    w = _rand(9, 4)
+    idx = RNG.integers(0, 9, 10)
+    offsets = np.array([0, 3, 3, 7], np.int64)  # one empty bag
+    psw = _rand(10)
+    for mode in ("sum", "mean", "max"):
+        bag = _emb_bag(9, 4, mode=mode)
+        bag.embedding[...] = jnp.asarray(w)
+        out = bag(jnp.asarray(idx), jnp.asarray(offsets))
+        ref = F.embedding_bag(torch.from_numpy(idx), _t(w), torch.from_numpy(offsets), mode=mode)
+        np.testing.assert_allclose(out, ref.numpy(), rtol=1e-6, atol=1e-7, err_msg=mode)
+        out2 = bag(jnp.asarray(idx.reshape(2, 5)))
+        ref2 = F.embedding_bag(torch.from_numpy(idx.reshape(2, 5)), _t(w), mode=mode)
+        np.testing.assert_allclose(out2, ref2.numpy(), rtol=1e-6, atol=1e-7, err_msg=mode)
+    bag = _emb_bag(9, 4, mode="sum", include_last_offset=True, padding_idx=2)
+    bag.embedding[...] = jnp.asarray(w)
+    out = bag(jnp.asarray(idx), jnp.asarray(np.array([0, 3, 3, 7, 10])), jnp.asarray(psw))
+    ref = F.embedding_bag(torch.from_numpy(idx), _t(w), torch.from_numpy(np.array([0, 3, 3, 7, 10])),
+                          mode="sum", include_last_offset=True, per_sample_weights=_t(psw),
+                          padding_idx=2)
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="mode"):
+        jqn.EmbeddingBag(3, 2, mode="prod", rngs=nnx.Rngs(0))
+
+
+def test_embed_qat_4bit_trains_and_attends():
+    emb = nnx.Embed(6, 4, embedding_init=Z, rngs=nnx.Rngs(0))
+    emb.embedding[...] = jnp.asarray(_rand(6, 4))
+    q = jqn.prepare_qat(emb, jq.default_embedding_qat_qconfig_4bit)
+    assert type(q) is jqn.Embed
+    table = q.embedding[...]
+    y = _forward(q, jnp.asarray([[0, 5], [2, 2]]))
+    wfq = q.weight_fake_quant
+    scale, zp = np.asarray(wfq.scale[...]), np.asarray(wfq.zero_point[...])
+    ref = jq.fake_quantize_per_channel_affine(table, scale, zp, 0, 0, 15)
+    np.testing.assert_array_equal(y, ref[jnp.asarray([[0, 5], [2, 2]])])
+    assert len(np.unique(np.asarray(ref[0]))) <= 16
+    att = nnx.jit(lambda m, a: m.attend(a))(q, jnp.ones((1, 4)))
+    np.testing.assert_allclose(att, jnp.ones((1, 4)) @ ref.T, rtol=1e-6)
