@@ -7,7 +7,7 @@ the L2 "norm minimisation" search over the histogram. Everything runs under ``ja
 with static shapes and no host round trip, and reproduces torch's float32 arithmetic bit
 for bit: ``torch.histc``'s op order (and its x86 quirks), ``torch.linspace``'s fused
 multiply-add, the sequential float32 scatter-add of the rebinning, ``torch.sum``'s cascade
-order and ``torch.cumsum``'s sequential order, and the double-precision ``alpha``/``beta``
+order, ``torch.cumsum``'s double accumulator, and the double-precision ``alpha``/``beta``
 walk of the search. Where XLA would round differently (it contracts ``a*b + c`` into an
 FMA, rewrites ``x / scalar`` into ``x * (1/scalar)`` and flushes denormals), the code
 works around it; the few documented deviations are listed on each class.
@@ -268,11 +268,14 @@ def _torch_sum(x):
 
 
 def _seq_cumsum(x):
-    """``torch.cumsum`` of a float32 vector (sequential float32 accumulation)."""
-    def step(c, v):
-        c = c + v
-        return c, c
-    _, out = lax.scan(step, jnp.zeros(x.shape[:-1], F32), jnp.moveaxis(nm.f32(x), -1, 0))
+    """``torch.cumsum`` of float32 vectors on CPU: a sequential double accumulator, each
+    output rounded to float32 (``acc_type<float>`` is double there)."""
+    with nm.enable_x64():
+        def step(c, v):
+            c = c + v
+            return c, c.astype(F32)
+        xs = jnp.moveaxis(nm.f32(x).astype(jnp.float64), -1, 0)
+        _, out = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), xs)
     return jnp.moveaxis(out, 0, -1)
 
 
@@ -399,8 +402,14 @@ def _upscale(hist, omin, omax, umin, umax, bins: int, rate: int):
 # The update (rows = channels; per-tensor is one row)
 # ----------------------------------------------------------------------------------------
 
-def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bool):
-    """torch's ``forward`` on each row: ``hist`` ``(C, bins)``, ``mn``/``mx`` ``(C,)``, ``x2d`` ``(C, N)``."""
+def _observe_rows(mn, mx, x2d, bins: int, axis_name):
+    """The batch-dependent half of torch's ``forward`` on each row (``x2d`` ``(C, N)``).
+
+    Returns the batch's counts ``(C, bins)`` over the new histc range, the new range
+    ``(C,)`` and the branch flags ``(C,)``: ``active`` (the state changes), ``nan_init``
+    (a NaN first batch), ``uninit``, ``same`` (range unchanged), ``point`` (the old range
+    is a single point).
+    """
     fin = jnp.isfinite(x2d)
     any_nan = jnp.any(jnp.isnan(x2d), axis=1)
     any_fin = jnp.any(fin, axis=1)
@@ -425,11 +434,17 @@ def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bo
     nan_init = uninit & any_nan
     same = ~uninit & _feq(new_min, mn) & _feq(new_max, mx)
     point = ~uninit & ~same & _feq(mn, mx)
-    grow = active & ~uninit & ~same & ~point
 
     lo, hi = _histc_range(new_min, new_max)
     counts = _counts(x2d, fin, lo, hi, bins, axis_name)
+    return counts, new_min, new_max, jnp.stack([active, nan_init, uninit, same, point])
 
+
+def _merge_rows(hist, mn, mx, counts, new_min, new_max, flags, bins: int, rate: int,
+                batched: bool):
+    """The state-dependent half: the new histogram and range of each row."""
+    active, nan_init, uninit, same, point = flags
+    grow = active & ~uninit & ~same & ~point
     # single-point old histogram: one-hot at its value's bin, scaled by its total
     onehot = jnp.arange(bins, dtype=I32)[None, :] == _positions(mn[:, None], new_min[:, None],
                                                                  new_max[:, None], bins)
@@ -457,6 +472,16 @@ def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bo
     min_out = jnp.where(active, out_min, jnp.where(nan_init, nan, mn))
     max_out = jnp.where(active, out_max, jnp.where(nan_init, nan, mx))
     return hist_out, min_out, max_out
+
+
+def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bool):
+    """torch's ``forward`` on each row: ``hist`` ``(C, bins)``, ``mn``/``mx`` ``(C,)``, ``x2d`` ``(C, N)``.
+
+    Two compiled halves when called eagerly: the batch-shaped one (``_observe_rows``) and
+    the shape-independent merge, so a new input shape recompiles only the cheap half.
+    """
+    observed = _observe_kernel(mn, mx, x2d, bins=bins, axis_name=axis_name)
+    return _merge_kernel(hist, mn, mx, *observed, bins=bins, rate=rate, batched=batched)
 
 
 # ----------------------------------------------------------------------------------------
@@ -596,7 +621,12 @@ def _search_range(hist, mn, mx, bins: int, dst_nbins: int, skip_tiny: bool):
 
 # One compiled kernel per (bins, upsample_rate, ...) shared by every observer config (the
 # dtype/qscheme only enter the cheap qparams rule); inlined when called under a user's jit.
-_update_kernel = jax.jit(_update_rows, static_argnames=("bins", "rate", "axis_name", "batched"))
+_observe_kernel = jax.jit(_observe_rows, static_argnames=("bins", "axis_name"))
+_merge_kernel = jax.jit(_merge_rows, static_argnames=("bins", "rate", "batched"))
+_qerr_kernel = jax.jit(
+    lambda h, mn, mx, s, e, bins, dst_nbins: _quantization_error(
+        h, _bin_width64(mn, mx, bins), s, e, bins, dst_nbins),
+    static_argnames=("bins", "dst_nbins"))
 _search_kernel = jax.jit(_search_range, static_argnames=("bins", "dst_nbins", "skip_tiny"))
 _search_kernel_rows = jax.jit(
     lambda h, a, b, bins, dst_nbins, skip_tiny: jax.vmap(functools.partial(
@@ -701,7 +731,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if x.size == 0:
             return state
         xf = lax.stop_gradient(x.astype(F32)).reshape(1, -1)
-        h, mn, mx = _update_kernel(state.histogram[None], state.min_val[None],
+        h, mn, mx = _update_rows(state.histogram[None], state.min_val[None],
                                    state.max_val[None], xf, bins=self.bins,
                                    rate=self.upsample_rate, axis_name=axis_name, batched=False)
         return state._replace(histogram=h[0], min_val=mn[0], max_val=mx[0])
@@ -720,9 +750,9 @@ class HistogramObserver(UniformQuantizationObserverBase):
     def _compute_quantization_error(self, state: HistogramState, next_start_bin,
                                     next_end_bin):
         """torch's ``_compute_quantization_error``: L2 error (float32 scalar) of ``[s, e]``."""
-        bw = _bin_width64(state.min_val, state.max_val, self.bins)
-        return _quantization_error(state.histogram, bw, jnp.asarray(next_start_bin, I32),
-                                   jnp.asarray(next_end_bin, I32), self.bins, self.dst_nbins)
+        return _qerr_kernel(state.histogram, state.min_val, state.max_val,
+                            jnp.asarray(next_start_bin, I32), jnp.asarray(next_end_bin, I32),
+                            bins=self.bins, dst_nbins=self.dst_nbins)
 
     def calculate_qparams(self, state: HistogramState):
         """``(scale float32 (1,), zero_point int32 (1,))``: the search, then torch's rule.
@@ -810,7 +840,7 @@ class PerChannelHistogramObserver(HistogramObserver):
             raise ValueError(f"{type(self).__name__}: input has {c} channels along "
                              f"ch_axis={self.ch_axis} but the state has {state.min_val.shape[0]}")
         xf = lax.stop_gradient(jnp.moveaxis(x.astype(F32), self.ch_axis, 0)).reshape(c, -1)
-        h, mn, mx = _update_kernel(state.histogram, state.min_val, state.max_val, xf,
+        h, mn, mx = _update_rows(state.histogram, state.min_val, state.max_val, xf,
                                    bins=self.bins, rate=self.upsample_rate, axis_name=axis_name,
                                    batched=True)
         return state._replace(histogram=h, min_val=mn, max_val=mx)
@@ -825,11 +855,9 @@ class PerChannelHistogramObserver(HistogramObserver):
     def _compute_quantization_error(self, state: HistogramState, next_start_bin,
                                     next_end_bin):
         """Per channel ``(C,)`` float32 errors of ``[s, e]``."""
-        def one(h, mn, mx):
-            bw = _bin_width64(mn, mx, self.bins)
-            return _quantization_error(h, bw, jnp.asarray(next_start_bin, I32),
-                                       jnp.asarray(next_end_bin, I32), self.bins,
-                                       self.dst_nbins)
+        one = functools.partial(_qerr_kernel, s=jnp.asarray(next_start_bin, I32),
+                                e=jnp.asarray(next_end_bin, I32), bins=self.bins,
+                                dst_nbins=self.dst_nbins)
         return jax.vmap(one)(state.histogram, state.min_val, state.max_val)
 
     def calculate_qparams(self, state: HistogramState):
