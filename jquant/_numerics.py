@@ -5,6 +5,7 @@ Internal. Each helper names the torch behaviour it reproduces.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -144,9 +145,25 @@ def aminmax(x, axis=None):
         axes = tuple(a % x.ndim for a in axis)
     if not axes:
         return x, x
-    init = (jnp.array(jnp.inf, x.dtype), jnp.array(-jnp.inf, x.dtype))
+    # Two plain reductions over the same input: XLA fuses them into one multi-output
+    # loop (one pass) that vectorizes; a variadic lax.reduce does not (about 3x slower on
+    # CPU). Both propagate NaN.
+    return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
-    def body(a, b):
-        return jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])
 
-    return lax.reduce((x, x), init, body, axes)
+def _isolate_cpu(f, *args):
+    leaf = jax.tree_util.tree_leaves(args)[0]
+    pred = jnp.all(jnp.isfinite(leaf))
+    return lax.cond(pred, f, f, *args)
+
+
+def isolate(f, *args):
+    """``f(*args)``, computed on CPU in its own XLA computation (a conditional).
+
+    XLA:CPU fuses small computations (per-channel / per-tensor qparams, a few hundred
+    float64 ops on a ``(C,)`` vector) into the large elementwise fusions that consume
+    them and then recomputes them for every element (here: 5x slower weight fake quant).
+    A conditional is a fusion boundary, so the result is computed once and read back.
+    Elsewhere (and under ``vmap`` with a batched predicate) it is a plain call.
+    """
+    return lax.platform_dependent(*args, cpu=functools.partial(_isolate_cpu, f), default=f)

@@ -10,6 +10,7 @@ jquant keeps both, exact, and never mixes them up:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -69,6 +70,16 @@ def calculate_qparams(min_val, max_val, *, qscheme: QScheme, dtype: Any, quant_m
         if bad.any():
             raise ValueError(f"min_val {np.asarray(min_val)} should be less than or equal to "
                              f"max_val {np.asarray(max_val)}")
+    return nm.isolate(functools.partial(_observer_rule, qscheme=qscheme, dtype=dtype,
+                                        quant_min=int(quant_min), quant_max=int(quant_max),
+                                        has_customized_qrange=has_customized_qrange,
+                                        per_tensor=per_tensor, float_zp=float_zp),
+                      min_val, max_val, eps)
+
+
+def _observer_rule(min_val, max_val, eps, *, qscheme, dtype, quant_min, quant_max,
+                   has_customized_qrange, per_tensor, float_zp):
+    uninit = (min_val == jnp.inf) & (max_val == -jnp.inf)
     qmin, qmax = int(quant_min), int(quant_max)
     min_neg = jnp.minimum(min_val, 0.0)
     max_pos = jnp.maximum(max_val, 0.0)
@@ -202,9 +213,11 @@ def choose_quantization_params(min_val, max_val, quant_min: int, quant_max: int,
       ``(scale float32, zero_point int32)`` of that shape.
     """
     with nm.enable_x64():
-        scale, zp = _choose_qparams(min_val, max_val, int(quant_min), int(quant_max),
-                                    bool(preserve_sparsity), float_scale=True)
-        return scale.astype(jnp.float32), zp
+        def rule(mn, mx):
+            scale, zp = _choose_qparams(mn, mx, int(quant_min), int(quant_max),
+                                        bool(preserve_sparsity), float_scale=True)
+            return scale.astype(jnp.float32), zp
+        return nm.isolate(rule, nm.f32(min_val), nm.f32(max_val))
 
 
 def choose_qparams_per_tensor(x, reduce_range: bool = False):
