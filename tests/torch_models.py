@@ -171,8 +171,28 @@ class EmbeddingBagPair(nn.Module):
         return torch.cat((self.emb1(indices), self.emb2(indices)))
 
 
-def defused_embedding_bag_linear():
-    """torch's own ``DeFusedEmbeddingBagLinear`` (emb 10 x 12 with the embedding QAT qconfig,
-    quant stub, linear 12 -> 1 with the default QAT qconfig, dequant stub)."""
-    from torch.testing._internal.common_quantization import DeFusedEmbeddingBagLinear
-    return DeFusedEmbeddingBagLinear()
+class DeFusedEmbeddingBagLinear(nn.Module):
+    """torch's ``common_quantization.DeFusedEmbeddingBagLinear`` (re-declared: importing
+    torch.testing._internal needs the ``expecttest`` package): Embedding(10, 12) with
+    ``default_embedding_qat_qconfig``, QuantStub, Linear(12, 1), DeQuantStub."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(num_embeddings=10, embedding_dim=12)
+        self.emb.qconfig = tq.default_embedding_qat_qconfig
+        self.quant = tq.QuantStub()
+        self.linear = nn.Linear(12, 1).to(dtype=torch.float)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, indices):
+        x = self.emb(indices)
+        x = self.quant(x)
+        x = self.linear(x)
+        return self.dequant(x)
+
+
+def defused_embedding_bag_linear(qconfig=None):
+    m = DeFusedEmbeddingBagLinear()
+    m.qconfig = qconfig if qconfig is not None else tq.get_default_qat_qconfig("x86")
+    m.emb.qconfig = tq.default_embedding_qat_qconfig
+    return m.train()

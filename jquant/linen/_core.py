@@ -185,23 +185,37 @@ class JQuantModule:
     """Marker base of jquant's own Linen modules (they quantize themselves)."""
 
 
-def module_chain(m) -> list:
-    """``(path, type)`` from the root to ``m`` (skipping the prepared wrapper)."""
+def _ancestors(m) -> list:
+    """``m`` and its parents up to the model root (the prepared wrapper excluded), root first."""
     from jquant.linen.prepare import PreparedModel  # cycle
     mods = []
     cur = m
-    while isinstance(cur, nn.Module):
+    while isinstance(cur, nn.Module) and not isinstance(cur, PreparedModel):
         mods.append(cur)
         cur = cur.parent
-    return [(dotted(mm.path), type(mm)) for mm in reversed(mods)
-            if not isinstance(mm, PreparedModel)]
+    return mods[::-1]
+
+
+def module_path(m) -> str:
+    """The dotted path of ``m``'s variables, e.g. ``"block.Dense_0"`` (root: ``""``).
+
+    Built from module names, not ``m.path``: inside a prepared model the wrapped model
+    shares the root scope, and submodules bound before that (dataclass fields of a
+    setup-style model) keep a scope path that still names the wrapper's field.
+    """
+    return ".".join(mm.name for mm in _ancestors(m)[1:])
+
+
+def module_chain(m) -> list:
+    """``(path, type)`` from the root to ``m`` (skipping the prepared wrapper)."""
+    return [(module_path(mm), type(mm)) for mm in _ancestors(m)]
 
 
 def resolve_qconfig(m, trace: Optional[Trace], own_qconfig=layers._UNSET):
     """The QConfig of module ``m`` (None: float) under the active plan and its own qconfig."""
     if trace is None:
         return None if own_qconfig is layers._UNSET else own_qconfig
-    path = dotted(m.path)
+    path = module_path(m)
     plan = trace.plan
     if path in plan.qconfigs and own_qconfig is layers._UNSET:
         return plan.qconfigs[path]
@@ -236,10 +250,13 @@ class Slot:
             init = lambda: layers.post_process_init(cfg, x)  # noqa: E731
         else:
             init = lambda: layers.weight_init(cfg, x, layout)  # noqa: E731
-        self.var = m.variable(QUANT_STATS, name, init)
+        # Through the scope: flax's Embed.__call__ is not compact (its table comes from setup),
+        # and Module.variable refuses to create variables outside setup / compact methods.
+        self.var = m.scope.variable(QUANT_STATS, name, init)
         if layers.is_learnable(cfg):
             st = self.var.value
-            self.param = m.param(name, lambda _rng: {"scale": st.scale, "zero_point": st.zero_point})
+            self.param = m.scope.param(name, lambda _rng: {"scale": st.scale,
+                                                           "zero_point": st.zero_point})
 
     def state(self):
         st = self.var.value
@@ -323,7 +340,7 @@ def call_dense_conv(m, kind: str, qconfig, call, args, kwargs, trace: Optional[T
     product divided by it after; the BatchNorm call then finishes the group.
     """
     plan = trace.plan if trace is not None else None
-    path = dotted(m.path)
+    path = module_path(m)
     qat = plan is None or plan.mode == "qat"
     entry = plan.by_layer.get(path) if plan is not None else None
     if entry is not None:
@@ -424,7 +441,7 @@ def call_fused_bn(m, pending: Pending, args, kwargs, trace: Trace):
         raise NotImplementedError("fused BatchNorm needs the feature axis last (channels-last)")
     red = tuple(i for i in range(x.ndim) if i != fa)
     fshape = (x.shape[fa],)
-    plan.bn_eps[dotted(m.path)] = float(m.epsilon)
+    plan.bn_eps[module_path(m)] = float(m.epsilon)
     stat_dtype = jnp.float32 if m.force_float32_reductions else m.param_dtype
     ra_mean = m.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), fshape)
     ra_var = m.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape)
@@ -448,7 +465,7 @@ def call_fused_bn(m, pending: Pending, args, kwargs, trace: Trace):
             ra_mean.value = jnp.where(frozen, ra_mean.value, new_mean)
             ra_var.value = jnp.where(frozen, ra_var.value, new_var)
         else:
-            raise ValueError(f"{dotted(m.path)}: batch_stats must be mutable while training "
+            raise ValueError(f"{module_path(m)}: batch_stats must be mutable while training "
                              f"(use_running_average=False), as for flax's BatchNorm")
     if pending.entry.relu:
         y = jax.nn.relu(y)
@@ -466,7 +483,7 @@ def call_embedding(m, qconfig, weight, lookup, call_float, trace: Optional[Trace
     ``weight``: a thunk returning the float table (num_embeddings, features).
     """
     plan = trace.plan if trace is not None else None
-    path = dotted(m.path)
+    path = module_path(m)
     qat = plan is None or plan.mode == "qat"
     wcfg = layers.build(qconfig.weight) if qat else None
     acfg = layers.build(qconfig.activation)
@@ -504,7 +521,7 @@ def call_post_only(m, kind, qconfig, y, trace: Optional[Trace]):
     plan = trace.plan if trace is not None else None
     acfg = layers.build(qconfig.activation)
     if plan is not None:
-        path = dotted(m.path)
+        path = module_path(m)
         plan.kinds[path] = kind
         plan.register(path, ACT, acfg)
     return Slot(m, ACT, acfg, y)(y, axis_name=plan.axis_name if plan else None)
@@ -524,7 +541,7 @@ def intercept(next_fun, args, kwargs, context):
     if trace is None:
         return next_fun(*args, **kwargs)
     plan = trace.plan
-    path = dotted(m.path)
+    path = module_path(m)
     if path in plan.relu_paths:
         return args[0] if len(args) == 1 else next_fun(*args, **kwargs)
     if path in plan.by_bn:

@@ -54,7 +54,7 @@ class DeQuantStub(nn.Module, _core.JQuantModule):
     def __call__(self, x):
         trace = _core.current_trace()
         if trace is not None:
-            trace.plan.kinds[_core.dotted(self.path)] = "dequant_stub"
+            trace.plan.kinds[_core.module_path(self)] = "dequant_stub"
         return x
 
 

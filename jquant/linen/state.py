@@ -47,11 +47,11 @@ class BoundObserver:
         if name == "activation_post_process" and hasattr(self.config, "activation_post_process"):
             sub = getattr(self.state, "activation_post_process", EmptyState())
             return BoundObserver(self.config.activation_post_process, sub)
+        if name not in _BOUND_METHODS and name in getattr(self.state, "_fields", ()):
+            return getattr(self.state, name)
         attr = getattr(self.config, name)
         if name in _BOUND_METHODS:
             return lambda *a, **k: attr(self.state, *a, **k)
-        if hasattr(self.state, "_fields") and name in self.state._fields:
-            return getattr(self.state, name)
         return attr
 
     def __repr__(self):

@@ -1,0 +1,193 @@
+"""QAT suite: a jitted QAT train step vs the float train step, jquant and torch side by side.
+
+Models (sklearn-digits-shaped input, 8x8x1, 10 classes; Adam, cross-entropy):
+
+* digits CNN, batch 64: conv 16 - relu - conv 32 - relu - flatten - dense 64 - relu - dense 10;
+* larger CNN, batch 256: conv 64 - relu - conv 128 - relu - flatten - dense 256 - relu - dense 10.
+
+For each: the float train step and the QAT train step (``get_default_qat_qconfig("x86")``,
+conv+relu / dense+relu fused as torch's ``fuse_modules_qat`` does) of
+
+* jquant Linen: the unmodified flax model, ``jquant.linen.prepare_qat``, one jitted
+  ``value_and_grad`` + optax step with ``quant_stats`` / params carried;
+* torch eager: ``fuse_modules_qat`` + ``prepare_qat`` on the twin module.
+
+Rows report median step times; the note gives QAT/float ratios (targets: jquant <= 1.10
+on the larger model, <= 1.3 on the digits CNN). The NNX front end may append its rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from jquant._bench import Context, Row, timeit
+
+MODELS = {
+    # name: (batch, conv channels, dense width)
+    "digits CNN": (64, (16, 32), 64),
+    "larger CNN": (256, (64, 128), 256),
+}
+
+
+def _data(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (batch, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------
+# jquant Linen
+# ----------------------------------------------------------------------------------------
+
+def linen_model(channels, width):
+    import flax.linen as nn
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i, c in enumerate(channels):
+                x = nn.relu(nn.Conv(c, (3, 3), padding=1, name=f"conv{i + 1}")(x))
+            x = x.reshape(x.shape[0], -1)
+            x = nn.relu(nn.Dense(width, name="fc1")(x))
+            return nn.Dense(10, name="fc2")(x)
+
+    return CNN()
+
+
+def linen_fuse(channels):
+    return [(f"conv{i + 1}", "relu") for i in range(len(channels))] + [("fc1", "relu")]
+
+
+def linen_steps(batch, channels, width):
+    """(float_step, qat_step) thunks for the Linen model (each runs one jitted step)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jquant as jq
+    import jquant.linen as jl
+
+    x, y = map(jnp.asarray, _data(batch))
+    model = linen_model(channels, width)
+    tx = optax.adam(1e-3)
+
+    params = model.init(jax.random.key(0), x)["params"]
+    f_state = [params, tx.init(params)]
+
+    @jax.jit
+    def float_step(params, opt, x, y):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        u, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, u), opt, loss
+
+    qmodel = jl.prepare_qat(model, jq.get_default_qat_qconfig("x86"), fuse=linen_fuse(channels))
+    qv = qmodel.init(jax.random.key(0), x)
+    q_state = [qv["params"], qv["quant_stats"], tx.init(qv["params"])]
+
+    @jax.jit
+    def qat_step(params, qstats, opt, x, y):
+        def loss_fn(p):
+            logits, upd = qmodel.apply({"params": p, "quant_stats": qstats}, x,
+                                       mutable=["quant_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, u), upd["quant_stats"], opt, loss
+
+    def run_float():
+        out = float_step(f_state[0], f_state[1], x, y)
+        f_state[0], f_state[1] = out[0], out[1]
+        return out[2]
+
+    def run_qat():
+        out = qat_step(q_state[0], q_state[1], q_state[2], x, y)
+        q_state[0], q_state[1], q_state[2] = out[0], out[1], out[2]
+        return out[3]
+
+    return run_float, run_qat
+
+
+# ----------------------------------------------------------------------------------------
+# torch eager
+# ----------------------------------------------------------------------------------------
+
+def torch_model(torch, channels, width):
+    nn = torch.nn
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = torch.ao.quantization.QuantStub()
+            self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+            self.relu2 = nn.ReLU()
+            self.fc1 = nn.Linear(channels[1] * 64, width)
+            self.relu3 = nn.ReLU()
+            self.fc2 = nn.Linear(width, 10)
+            self.dequant = torch.ao.quantization.DeQuantStub()
+
+        def forward(self, x):
+            x = self.quant(x)
+            x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+            x = self.relu3(self.fc1(x.flatten(1)))
+            return self.dequant(self.fc2(x))
+
+    return CNN()
+
+
+def torch_steps(torch, batch, channels, width):
+    import torch.ao.quantization as tq
+
+    xn, yn = _data(batch)
+    x = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(yn.astype(np.int64))
+
+    def make_step(m):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            return None
+        return step
+
+    torch.manual_seed(0)
+    fm = torch_model(torch, channels, width).train()
+    qm = torch_model(torch, channels, width).train()
+    qm.load_state_dict(fm.state_dict())
+    qm = tq.fuse_modules_qat(qm, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"]])
+    qm.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(qm, inplace=True)
+    return make_step(fm), make_step(qm)
+
+
+# ----------------------------------------------------------------------------------------
+
+def run(ctx: Context) -> list[Row]:
+    rows = []
+    torch = ctx.torch
+    reps = ctx.repeats
+    for name, (batch, channels, width) in MODELS.items():
+        if ctx.quick and name != "digits CNN":
+            continue
+        label = f"batch {batch}"
+        run_float, run_qat = linen_steps(batch, channels, width)
+        jf = timeit(run_float, ctx, reps)
+        jq_ = timeit(run_qat, ctx, reps)
+        tf = tq_ = None
+        if torch is not None:
+            t_float, t_qat = torch_steps(torch, batch, channels, width)
+            tf = timeit(t_float, ctx, reps)
+            tq_ = timeit(t_qat, ctx, reps)
+        rows.append(Row(f"{name} float step (linen)", label, jf, tf))
+        note = f"QAT/float: jquant {jq_ / jf:.2f}"
+        if tf:
+            note += f", torch {tq_ / tf:.2f}"
+        rows.append(Row(f"{name} QAT step (linen)", label, jq_, tq_, note=note))
+    return rows
