@@ -14,7 +14,7 @@ import jax
 from jax import lax
 
 __all__ = ["all_min", "all_max", "all_sum", "all_gather", "axis_size", "place_like",
-           "placed_init"]
+           "placed_init", "varying_axes", "match_varying"]
 
 
 def all_min(x, axis_name=None):
@@ -33,8 +33,16 @@ def all_sum(x, axis_name=None):
 
 
 def all_gather(x, axis_name=None, axis: int = 0):
-    """Concatenates every device's ``x`` along ``axis`` (tiled), in device order."""
-    return x if axis_name is None else lax.all_gather(x, axis_name, axis=axis, tiled=True)
+    """Concatenates every device's ``x`` along ``axis`` (tiled), in device order.
+
+    The result is device-invariant (``shard_map`` can return it with ``out_specs=P()``).
+    """
+    if axis_name is None:
+        return x
+    try:
+        return lax.all_gather(x, axis_name, axis=axis, tiled=True, to="invarying")
+    except TypeError:  # older jax: no manual-axis types
+        return lax.all_gather(x, axis_name, axis=axis, tiled=True)
 
 
 def axis_size(axis_name=None) -> int:
@@ -80,3 +88,30 @@ def placed_init(init):
 
     wrapper._jquant_placed = True
     return wrapper
+
+
+def varying_axes(x) -> frozenset:
+    """Mesh axes along which ``x`` varies inside ``shard_map`` (empty outside of it)."""
+    t = jax.typeof(x) if hasattr(jax, "typeof") else getattr(x, "aval", None)
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(t, "vma", ()) or ())
+
+
+def match_varying(v, like):
+    """``v`` marked as varying along every mesh axis ``like`` varies along.
+
+    Inside ``shard_map`` a replicated parameter (e.g. a learnable scale) combined with a
+    sharded input must vary like it before entering a custom VJP, whose per-device
+    cotangents would otherwise not type-check; JAX then sums the gradient over devices.
+    A no-op outside ``shard_map``.
+    """
+    missing = varying_axes(like) - varying_axes(v)
+    if not missing:
+        return v
+    axes = tuple(missing)
+    pcast = getattr(lax, "pcast", None)
+    if pcast is not None:
+        return pcast(v, axes, to="varying")
+    return lax.pvary(v, axes)

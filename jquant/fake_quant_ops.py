@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from jquant import _numerics as nm
+from jquant import collectives
 from jquant.types import canonical_dtype, dtype_name
 
 __all__ = [
@@ -278,6 +279,8 @@ def fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min: i
     if scale.size != 1 or zero_point.size != 1:
         raise ValueError(f"scale and zero_point must hold one value, got shapes {scale.shape} "
                          f"and {zero_point.shape}")
+    # inside shard_map: a replicated scale / zero point varies like x (gradients are summed)
+    scale, zero_point = collectives.match_varying(scale, x), collectives.match_varying(zero_point, x)
     y = _lsq_per_tensor(nm.f32(x), scale.reshape(()), zero_point.reshape(()), qmin, qmax,
                         nm.f32(grad_factor))
     return y.astype(x.dtype)
@@ -326,6 +329,8 @@ def fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis: int, 
     if scale.shape != (c,) or zero_point.shape != (c,):
         raise ValueError(f"scale and zero_point must have shape ({c},), got {scale.shape} "
                          f"and {zero_point.shape}")
+    # inside shard_map: a replicated scale / zero point varies like x (gradients are summed)
+    scale, zero_point = collectives.match_varying(scale, x), collectives.match_varying(zero_point, x)
     y = _lsq_per_channel(nm.f32(x), scale, zero_point, axis, qmin, qmax, nm.f32(grad_factor))
     return y.astype(x.dtype)
 
