@@ -243,6 +243,8 @@ class Small(nnx.Module):
 
 
 TRACES = []
+ADAM = optax.adam(1e-2)  # one object: the transformation is static data of the optimizer graph,
+#                          so tests training the same model share one compiled step
 
 
 @nnx.jit
@@ -266,21 +268,21 @@ def test_nnx_jit_training_flags_and_state_structure():
     model.train()
     assert type(model.conv) is jqn.qat.ConvBnReLU and type(model.bn) is jqn.Identity
     assert type(model.act) is jqn.Identity
-    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, ADAM, wrt=nnx.Param)
     graphdef = nnx.graphdef(model)
     var_ids = {k: id(v) for k, v in nnx.to_flat_state(nnx.state(model))}
     shapes = jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(model))
     x, y = _small_data()
     TRACES.clear()
     losses = [float(_step(model, optimizer, x, y)) for _ in range(3)]
-    assert len(TRACES) == 1 and losses[-1] < losses[0]
+    assert len(TRACES) <= 1 and losses[-1] < losses[0]
     app = model.fc.activation_post_process
     before = app.state
     jq.disable_observer(model)  # in place on an NNX module, no retrace (flags are arrays)
     assert int(app.observer_enabled[...][0]) == 0
     assert int(model.conv.weight_fake_quant.observer_enabled[...][0]) == 0
     _step(model, optimizer, x, y)
-    assert len(TRACES) == 1
+    assert len(TRACES) <= 1  # toggling flags never retraces
     np.testing.assert_array_equal(app.state.scale, before.scale)
     np.testing.assert_array_equal(app.state.activation_post_process.min_val,
                                   before.activation_post_process.min_val)
@@ -631,3 +633,248 @@ def test_embed_qat_4bit_trains_and_attends():
     assert len(np.unique(np.asarray(ref[0]))) <= 16
     att = nnx.jit(lambda m, a: m.attend(a))(q, jnp.ones((1, 4)))
     np.testing.assert_allclose(att, jnp.ones((1, 4)) @ ref.T, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# learnable qparams, mixed precision
+# ---------------------------------------------------------------------------------------
+
+LEARNABLE = jq.QConfig(
+    activation=jq.LearnableFakeQuantize.with_args(observer=jq.MovingAverageMinMaxObserver,
+                                                  quant_min=0, quant_max=255),
+    weight=jq.LearnableFakeQuantize.with_args(
+        observer=jq.MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+        dtype=jnp.int8, qscheme=jq.per_channel_symmetric))
+
+
+class MLP(nnx.Module):
+    def __init__(self, **kw):
+        self.fc1 = _lin(6, 8, **kw)
+        self.fc2 = _lin(8, 3, **kw)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.fc1(x)))
+
+
+@nnx.jit
+def _mlp_step(model, optimizer, x, y):
+    def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x).astype(jnp.float32), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def test_learnable_fake_quantize_trains_with_optax_and_checkpoints():
+    model = jqn.prepare_qat(MLP(), LEARNABLE)
+    scale = model.fc1.activation_post_process.scale
+    assert isinstance(scale, jqn.QuantParam) and isinstance(scale, nnx.Param)
+    assert model.fc1.weight_fake_quant.scale[...].shape == (8,)  # per output channel
+    x = jnp.asarray(_rand(16, 6))
+    y = jnp.asarray(RNG.integers(0, 3, 16).astype(np.int32))
+    _forward(model, x)  # static estimate: qparams from the observers
+    s0 = np.asarray(scale[...]).copy()
+    jqn.enable_param_learning(model)
+    assert int(model.fc2.weight_fake_quant.learning_enabled[...][0]) == 1
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    for _ in range(3):
+        _mlp_step(model, optimizer, x, y)
+    s1 = np.asarray(scale[...]).copy()
+    assert not np.array_equal(s0, s1)  # optax moved the learnable scale
+    # the gradient optax saw is the core op's
+    g = nnx.jit(lambda m: nnx.grad(lambda mm: mm(x).sum(),
+                                   argnums=nnx.DiffState(0, jqn.QuantParam))(m))(model)
+    assert float(jnp.abs(g["fc2"]["activation_post_process"]["scale"][...]).sum()) > 0
+    # checkpoint round trip (flax.serialization) into a freshly prepared model
+    blob = serialization.to_bytes(nnx.to_pure_dict(nnx.state(model)))
+    other = jqn.prepare_qat(MLP(), LEARNABLE)
+    state = nnx.state(other)
+    nnx.replace_by_pure_dict(state, serialization.from_bytes(nnx.to_pure_dict(state), blob))
+    nnx.update(other, state)
+    np.testing.assert_array_equal(other.fc1.activation_post_process.scale[...], s1)
+    assert isinstance(other.fc1.activation_post_process.scale, jqn.QuantParam)
+    np.testing.assert_array_equal(_forward(other, x), _forward(model, x))
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32)])
+def test_mixed_precision(dtype, param_dtype):
+    class Mixed(nnx.Module):
+        def __init__(self):
+            self.conv = _conv(1, 4, (3, 3), dtype=dtype, param_dtype=param_dtype)
+            self.bn = _bn(4, dtype=dtype)
+            self.act = nnx.relu
+            self.fc = _lin(4 * 16, 3, dtype=dtype, param_dtype=param_dtype)
+
+        def __call__(self, x):
+            x = self.act(self.bn(self.conv(x)))
+            return self.fc(x.reshape(x.shape[0], -1))
+
+    model = jqn.prepare_qat(Mixed(), jq.get_default_qat_qconfig("x86"), fuse=[("conv", "bn", "act")])
+    model.train()
+    assert model.fc.kernel[...].dtype == param_dtype
+    x = jnp.asarray(_rand(4, 4, 4, 1)).astype(dtype)
+    out = _forward(model, x)
+    assert out.dtype == dtype
+    for pp in jqn.get_observer_dict(model).values():
+        assert pp.scale[...].dtype == jnp.float32  # observers compute in float32
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert float(model.fc.activation_post_process.scale[...][0]) != 1.0
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
+    y = jnp.asarray(RNG.integers(0, 3, 4).astype(np.int32))
+    assert np.isfinite(float(_mlp_step(model, optimizer, x, y)))
+    assert model.fc.kernel[...].dtype == param_dtype
+
+
+# ---------------------------------------------------------------------------------------
+# observer dicts, state dicts, checkpoints
+# ---------------------------------------------------------------------------------------
+
+class AnnotatedSingleLayerLinearModel(nnx.Module):
+    def __init__(self):
+        self.fc1 = jqn.QuantWrapper(_lin(5, 5))
+
+    def __call__(self, x):
+        return self.fc1(x)
+
+
+def test_record_observer():
+    """torch's test_record_observer: a RecordingObserver records every calibration batch."""
+    calib = [jnp.asarray(RNG.random((2, 5)).astype(np.float32)) for _ in range(2)]
+    for jit in (False, True):
+        model = AnnotatedSingleLayerLinearModel()
+        model.qconfig = jq.default_debug_qconfig
+        model = jqn.prepare(model)
+        run = _forward if jit else (lambda m, a: m(a))
+        for _ in range(2):
+            for x in calib:
+                run(model, x)
+        observer_dict = jqn.get_observer_dict(model)
+        assert "fc1.module.activation_post_process" in observer_dict
+        values = observer_dict["fc1.module.activation_post_process"].get_tensor_value()
+        assert len(values) == 2 * len(calib)
+        np.testing.assert_array_equal(values[0], model(calib[0]))
+        np.testing.assert_array_equal(values[3], model(calib[1]))
+
+
+@pytest.mark.parametrize("obs", ["MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver"])
+def test_save_load_observer_state_dict(obs):
+    """torch's test_save_load_state_dict_script: observer stats saved and loaded into a
+    second prepared model give identical state."""
+    qconfig = jq.QConfig(activation=getattr(jq, obs), weight=jq.default_weight_observer)
+
+    def make():
+        return jqn.prepare(jqn.QuantWrapper(_lin(5, 5)), {"": qconfig})
+    m1 = make()
+    for _ in range(2):
+        _forward(m1, jnp.asarray(RNG.random((5, 5)).astype(np.float32)))
+    obs_dict = jqn.get_observer_state_dict(m1)
+    assert "module.activation_post_process.min_val" in obs_dict
+    m2 = make()
+    jqn.load_observer_state_dict(m2, obs_dict)
+    s1 = dict(nnx.to_flat_state(nnx.state(m1, jqn.QuantStat)))
+    s2 = dict(nnx.to_flat_state(nnx.state(m2, jqn.QuantStat)))
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        np.testing.assert_array_equal(s1[k].get_value(), s2[k].get_value(), err_msg=str(k))
+    bad = dict(obs_dict)
+    bad.pop("module.activation_post_process.min_val")
+    with pytest.raises(jq.StateDictError, match="missing"):
+        jqn.load_observer_state_dict(make(), bad)
+    with pytest.raises(jq.StateDictError, match="unexpected"):
+        jqn.load_observer_state_dict(make(), {**obs_dict, "nope.min_val": np.zeros(())})
+
+
+def test_checkpoint_resume_is_bit_identical():
+    """A QAT train state (params, observer / fake-quant state, BN stats, Adam state) saved with
+    flax.serialization and restored into a fresh prepared model resumes bit-identically."""
+    def fresh():
+        m = jqn.prepare_qat(Small(), jq.get_default_qat_qconfig("x86"), fuse=[("conv", "bn", "act")])
+        m.train()
+        return m, nnx.Optimizer(m, ADAM, wrt=nnx.Param)
+
+    data = [_small_data() for _ in range(5)]
+    model, opt = fresh()
+    for x, y in data[:2]:
+        _step(model, opt, x, y)
+    blob = serialization.to_bytes({"model": nnx.to_pure_dict(nnx.state(model)),
+                                   "opt": nnx.to_pure_dict(nnx.state(opt))})
+    losses = [np.asarray(_step(model, opt, x, y)) for x, y in data[2:]]
+
+    model2, opt2 = fresh()  # different random weights until restored
+    target = {"model": nnx.to_pure_dict(nnx.state(model2)), "opt": nnx.to_pure_dict(nnx.state(opt2))}
+    restored = jax.tree.map(jnp.asarray, serialization.from_bytes(target, blob))
+    for obj, key in ((model2, "model"), (opt2, "opt")):
+        st = nnx.state(obj)
+        nnx.replace_by_pure_dict(st, restored[key])
+        nnx.update(obj, st)
+    losses2 = [np.asarray(_step(model2, opt2, x, y)) for x, y in data[2:]]
+    np.testing.assert_array_equal(losses2, losses)
+    a = dict(nnx.to_flat_state(nnx.state(model)))
+    b = dict(nnx.to_flat_state(nnx.state(model2)))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k].get_value(), b[k].get_value(), err_msg=str(k))
+
+
+class LinearReLUModel(nnx.Module):
+    def __init__(self):
+        self.linear = _lin(2, 2)
+
+    def __call__(self, x):
+        return nnx.relu(self.linear(x))
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_default_fused_qat_config(engine):
+    model = LinearReLUModel()
+    model.qconfig = jq.get_default_qat_qconfig(engine, version=1)
+    ref_model = jqn.prepare_qat(jqn.QuantWrapper(model))
+    _forward(ref_model, jnp.asarray(_rand(2, 2)))
+    obs = jqn.get_observer_dict(ref_model)
+    assert len(obs) == 3  # quant, linear activation, linear weight
+    for name, pp in obs.items():
+        assert type(pp.config) is jq.FusedMovingAvgObsFakeQuantize, name
+    lower, upper, obs2match = ((0, 127, jq.MovingAveragePerChannelMinMaxObserver) if engine == "fbgemm"
+                               else (0, 255, jq.MovingAverageMinMaxObserver))
+    app = ref_model.quant.activation_post_process.config.activation_post_process
+    assert (app.quant_min, app.quant_max) == (lower, upper)
+    assert type(ref_model.module.linear.weight_fake_quant.config.activation_post_process) is obs2match
+
+
+def test_prepare_ptq_matches_torch_observers():
+    """PTQ prepare + calibration: the observers' state and qparams equal torch's eager prepare."""
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = tq.QuantStub()
+            self.fc = torch.nn.Linear(6, 4)
+            self.dequant = tq.DeQuantStub()
+
+        def forward(self, x):
+            return self.dequant(self.fc(self.quant(x)))
+
+    for qconfig in ("default_qconfig", "x86"):
+        j = jqn.QuantWrapper(_lin(6, 4))
+        t = TorchNet().eval()
+        with torch.no_grad():
+            t.fc.weight.copy_(_t(tm.dense_kernel_to_torch(j.module.kernel[...])))
+            t.fc.bias.copy_(_t(j.module.bias[...]))
+        if qconfig == "x86":
+            t.qconfig, jqc = tq.get_default_qconfig("x86"), jq.get_default_qconfig("x86")
+        else:
+            t.qconfig, jqc = tq.default_qconfig, jq.default_qconfig
+        tq.prepare(t, inplace=True)
+        q = jqn.prepare(j, jqc)
+        for _ in range(3):
+            x = _rand(8, 6)
+            t(_t(x))
+            _forward(q, jnp.asarray(x))
+        for jname, tmod in (("quant", t.quant), ("module", t.fc)):
+            pp = q.quant.activation_post_process if jname == "quant" else q.module.activation_post_process
+            ts, tz = tmod.activation_post_process.calculate_qparams()
+            js, jz = pp.calculate_qparams()
+            np.testing.assert_allclose(js, ts.numpy(), rtol=1e-6, err_msg=f"{qconfig} {jname}")
+            np.testing.assert_array_equal(jz, tz.numpy())
+            tsd = {k: v.numpy() for k, v in tmod.activation_post_process.state_dict().items()}
+            for k, v in pp.state_dict().items():
+                np.testing.assert_allclose(v, tsd[k], rtol=1e-6, err_msg=f"{qconfig} {jname} {k}")

@@ -30,9 +30,11 @@ from jquant.nnx.modules import (ConvBn, ConvBnReLU, ConvReLU, DeQuantStub, Embed
                                 LinearBn, LinearReLU, QuantStub, QuantWrapper)
 from jquant.nnx import qat
 from jquant.nnx.qat import Conv, Dense, Embed, Linear
-from jquant.nnx.quantize import (convert, freeze_bn_stats, fuse_modules_qat, get_observer_dict,
-                                 get_observer_state_dict, load_observer_state_dict, prepare,
-                                 prepare_qat, propagate_qconfig, update_bn_stats)
+from jquant.nnx.quantize import (convert, enable_param_learning, enable_static_estimate,
+                                 enable_static_observation, freeze_bn_stats, fuse_modules_qat,
+                                 get_observer_dict, get_observer_state_dict,
+                                 load_observer_state_dict, prepare, prepare_qat,
+                                 propagate_qconfig, update_bn_stats)
 
 __all__ = [
     "QuantStub", "DeQuantStub", "QuantWrapper", "Identity", "EmbeddingBag",
@@ -40,6 +42,7 @@ __all__ = [
     "ConvBn", "ConvBnReLU", "ConvReLU", "LinearBn", "LinearReLU",
     "prepare", "prepare_qat", "convert", "fuse_modules_qat", "freeze_bn_stats",
     "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
-    "load_observer_state_dict", "propagate_qconfig",
+    "load_observer_state_dict", "propagate_qconfig", "enable_param_learning",
+    "enable_static_estimate", "enable_static_observation",
     "PostProcess", "QuantStat", "QuantParam",
 ]

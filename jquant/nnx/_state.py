@@ -42,6 +42,24 @@ class QuantParam(nnx.Param):
     """
 
 
+def placement_of(ref):
+    """A sharding that puts small state next to array ``ref`` (its device, or replicated
+    over its mesh); None when ``ref`` is None, traced or not committed to a device (then
+    the state stays uncommitted too: mixing committed and uncommitted arguments would
+    make ``jit`` compile a second time)."""
+    if ref is None or isinstance(ref, jax.core.Tracer) or not getattr(ref, "committed", False):
+        return None
+    sh = getattr(ref, "sharding", None)
+    if sh is None:
+        return None
+    devices = sh.device_set
+    if len(devices) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(devices)))
+    if isinstance(sh, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
 def is_namedtuple(v) -> bool:
     return isinstance(v, tuple) and hasattr(type(v), "_fields")
 
@@ -99,11 +117,14 @@ class PostProcess(_StateNode):
     a mapped axis (``shard_map`` / ``pmap``).
     """
 
-    def __init__(self, config, state=None, *, example=None, axis_name=None):
+    def __init__(self, config, state=None, *, example=None, axis_name=None, like=None):
         if not isinstance(config, (ObserverBase, FakeQuantizeBase)):
             raise ValueError(f"config must be an observer or fake-quantize config, got {config!r}")
         if state is None:
             state = config.init(example)
+        sharding = placement_of(like)
+        if sharding is not None:  # device affinity: the state lives where the module's params do
+            state = jax.device_put(state, sharding)
         param_fields = ("scale", "zero_point") if isinstance(config, LearnableFakeQuantize) else ()
         self.config = config
         self.axis_name = axis_name

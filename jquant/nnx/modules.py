@@ -38,17 +38,18 @@ __all__ = [
 # helpers
 # ---------------------------------------------------------------------------------------
 
-def make_post_process(factory, example=None, *, axis_name=None) -> Optional[PostProcess]:
+def make_post_process(factory, example=None, *, axis_name=None, like=None) -> Optional[PostProcess]:
     """A :class:`PostProcess` built from a qconfig entry (class / ``with_args`` factory / None).
 
     ``example`` (array or ``jax.ShapeDtypeStruct``) sizes per-channel states. ``None`` or
-    a factory that builds ``None`` (identity) gives ``None``.
+    a factory that builds ``None`` (identity) gives ``None``. ``like``: an array (e.g. the
+    module's kernel) whose device the state is put on.
     """
     config = _L.build(factory)
     if config is None:
         return None
     try:
-        return PostProcess(config, example=example, axis_name=axis_name)
+        return PostProcess(config, example=example, axis_name=axis_name, like=like)
     except ValueError as e:
         if example is None:
             raise ValueError(f"{config!r} needs the tensor's shape to build its state (a "
@@ -57,11 +58,21 @@ def make_post_process(factory, example=None, *, axis_name=None) -> Optional[Post
 
 
 def make_weight_post_process(factory, kernel, layout: str, *, axis_name=None):
-    """A :class:`PostProcess` for a Flax kernel (state sized in torch's layout) or None."""
+    """A :class:`PostProcess` for a Flax kernel (state sized in torch's layout, on the
+    kernel's device) or None."""
     config = _L.build(factory)
     if config is None:
         return None
-    return PostProcess(config, _L.weight_init(config, kernel, layout), axis_name=axis_name)
+    return PostProcess(config, _L.weight_init(config, kernel, layout), axis_name=axis_name,
+                       like=kernel)
+
+
+def first_param(mod):
+    """The value of ``mod``'s first Param (its device is the module's), or None."""
+    for _, v in nnx.iter_graph(mod):
+        if isinstance(v, nnx.Param):
+            return v.get_value()
+    return None
 
 
 def swap_class(mod, cls):
@@ -95,11 +106,12 @@ class _QuantMixin:
             self.float_promote_dtype = fn
         self.qconfig = qconfig
         wfq = None
+        kernel = getattr(self, self._weight_attr)[...]
         if weight and qconfig is not None:
-            kernel = getattr(self, self._weight_attr)[...]
             wfq = make_weight_post_process(qconfig.weight, kernel, self._layout, axis_name=axis_name)
         _set(self, "weight_fake_quant", wfq)
-        app = None if qconfig is None else make_post_process(qconfig.activation, axis_name=axis_name)
+        app = None if qconfig is None else make_post_process(qconfig.activation, axis_name=axis_name,
+                                                              like=kernel)
         _set(self, "activation_post_process", app)
 
     def _fq_kernel(self, kernel):
@@ -390,7 +402,8 @@ def observe(mod, qconfig, *, axis_name=None):
     """The observed twin of ``mod`` (same Variables) with ``qconfig.activation`` on its output."""
     new = swap_class(mod, observed_class(type(mod)))
     new.qconfig = qconfig
-    _set(new, "activation_post_process", make_post_process(qconfig.activation, axis_name=axis_name))
+    _set(new, "activation_post_process", make_post_process(qconfig.activation, axis_name=axis_name,
+                                                           like=first_param(mod)))
     return new
 
 

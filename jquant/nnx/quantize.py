@@ -26,7 +26,8 @@ from jquant.nnx._state import PostProcess
 
 __all__ = ["prepare", "prepare_qat", "convert", "fuse_modules_qat", "freeze_bn_stats",
            "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
-           "load_observer_state_dict", "propagate_qconfig"]
+           "load_observer_state_dict", "propagate_qconfig", "enable_param_learning",
+           "enable_static_estimate", "enable_static_observation"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,14 +141,15 @@ def _is_float_qparams_weight(qconfig):
     return qconfig is not None and _L.is_float_qparams(_L.build(qconfig.weight))
 
 
-def _swap(mod, qconfig, qat: bool, axis_name, bn_unbiased=False):
+def _swap(mod, qconfig, qat: bool, axis_name, bn_unbiased=False, root_ref=None):
     """The replacement for ``mod``, ``_LEAF`` (stop, keep), or None (recurse)."""
     t = type(mod)
     if isinstance(mod, _PREPARED) or isinstance(mod, _SKIP):
         return _LEAF
     if t is M.QuantStub:
         if qconfig is not None:
-            mod.activation_post_process = M.make_post_process(qconfig.activation, axis_name=axis_name)
+            mod.activation_post_process = M.make_post_process(qconfig.activation, axis_name=axis_name,
+                                                              like=root_ref)
         return _LEAF
     fused = t in M.FLOAT_TO_QAT_FUSED
     known = t in (nnx.Linear, nnx.Conv, nnx.Embed, M.EmbeddingBag) or fused or t in _OBSERVE_ONLY
@@ -173,6 +175,7 @@ def _swap(mod, qconfig, qat: bool, axis_name, bn_unbiased=False):
 def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased=False):
     replaced: dict[int, Any] = {}
     visited: set[int] = set()
+    root_ref = M.first_param(root)  # stubs' state goes where the model's params are
 
     def visit(node, path, inherited):
         for key, child in _child_items(node):
@@ -191,7 +194,7 @@ def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased
     def handle(mod, path, inherited):
         if isinstance(mod, nnx.Module):
             qc = _module_qconfig(spec, _path_str(path), mod, inherited)
-            new = _swap(mod, qc, qat, axis_name, bn_unbiased)
+            new = _swap(mod, qc, qat, axis_name, bn_unbiased, root_ref)
             if new is _LEAF:
                 return None
             if new is not None:
@@ -491,4 +494,34 @@ def load_observer_state_dict(model, obs_dict: Mapping[str, Any], strict: bool = 
         raise StateDictError("Error loading observer state dict: " + "; ".join(msgs))
     for path, state in loaded.items():
         pps[path].set_state(state)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# LearnableFakeQuantize toggles over a whole model
+# ---------------------------------------------------------------------------------------
+
+def _learnable(model):
+    return [pp for pp in get_observer_dict(model).values() if _L.is_learnable(pp.config)]
+
+
+def enable_param_learning(model):
+    """Every LearnableFakeQuantize learns its scale / zero point (torch's
+    ``enable_param_learning``: learning on, fake quant on, static estimate off). In place."""
+    for pp in _learnable(model):
+        pp.enable_param_learning()
+    return model
+
+
+def enable_static_estimate(model):
+    """Every LearnableFakeQuantize takes its qparams from its observer (learning off). In place."""
+    for pp in _learnable(model):
+        pp.enable_static_estimate()
+    return model
+
+
+def enable_static_observation(model):
+    """Every LearnableFakeQuantize only observes (learning and fake quant off). In place."""
+    for pp in _learnable(model):
+        pp.enable_static_observation()
     return model
