@@ -15,9 +15,10 @@ Containers:
 
 * :class:`QTensor` ``(q, scale, zero_point)`` — a quantized activation (torch's quantized
   tensor): integer array plus its per-tensor qparams.
-* :class:`PackedLinear` / :class:`PackedConv` — int8 weight in torch's layout (output
-  channel first) with per-tensor or per-channel qparams, float bias, and the module's
-  output ``(scale, zero_point)``.
+* :class:`PackedLinear` / :class:`PackedConv` — int8 weight (Linear in torch's ``(out,
+  in)`` layout, Conv in Flax's ``(*kernel, in / groups, out)``: the layouts XLA:CPU's int8
+  kernels are fast with) with per-tensor or per-channel qparams (one per output channel),
+  float bias, and the module's output ``(scale, zero_point)``.
 * :class:`PackedEmbedding` — quantized embedding rows as torch's
   ``embedding_bag_prepack`` stores them: 8-bit (uint8 rows, float32 scale and bias) or
   4-bit (two values per byte, element ``2k`` in the low nibble, float16 scale and bias).
@@ -25,6 +26,7 @@ Containers:
 Converting a module (what a front end's ``convert`` calls)::
 
     w = kernel_to_torch(kernel, "dense")                     # Flax (in, out) -> (out, in)
+    # (Conv: kernel_to_torch(kernel, "conv"), pack_conv, quantized_conv)
     # fused Linear/Conv + BN: w, b = fuse_linear_bn_weights(...) / fuse_conv_bn_weights(...)
     out_qparams = activation_qparams(act_post_process, act_state)
     p = pack_linear(w, b, weight_post_process, weight_state, output_qparams=out_qparams)
@@ -37,18 +39,21 @@ Requantization (``requant=``; REFERENCE §9.4, verified against torch 2.13 on th
 * ``"fbgemm"`` (default; torch's x86 / fbgemm Linear, and x86 Conv where torch routes it
   to fbgemm): ``acc = sum((x - zx) * (w - zw))`` exactly in int32;
   ``m = f32(sx * sw[j])``; ``raw = fma(b[j], f32(1 / m), f32(acc))`` (one rounding: the
-  compiled fbgemm kernel contracts ``acc + b / m`` into a multiply-add by the reciprocal,
-  measured: the plain ``f32(acc) + f32(b / m)`` of §9.4 differs on about 1 in 200 of the
-  outputs that sit near a rounding boundary, never elsewhere); ``y = clamp(rne(f32(raw *
-  f32(m / so))) + zo, 0, 255)``.
+  compiled fbgemm kernel behaves as a fused multiply-add by the reciprocal; the plain
+  ``f32(acc) + f32(b / m)`` of REFERENCE §9.4 disagrees with torch on outputs within an
+  ulp of a rounding boundary — found by adversarial search, ~1 in 1000 of those — and on
+  none of ~10^6 random outputs); ``y = clamp(rne(f32(raw * f32(m / so))) + zo, 0, 255)``.
 * ``"qnnpack"``: the bias is first quantized to int32 with scale ``m``
   (``rne(b * f32(1 / m))``), added to ``acc``, and ``y = clamp(rne(f32(f32(acc + qb) *
   f32(m * f32(1 / so)))) + zo, 0, 255)``. (REFERENCE §9.4 says qnnpack matches the fbgemm
-  formula; torch disagrees on ~0.02% of random outputs — this rule matches every one.)
+  formula; torch's qnnpack differs from it on ~0.05% of random outputs — this rule matches
+  every one.)
 * ``"onednn"`` (torch's onednn engine, and the x86 engine's Conv on CPUs with
   AVX512-VNNI, see :func:`x86_conv_requant`): ``s = f32(1 / f32(1 / sx))`` (torch hands
-  oneDNN reciprocal scales), ``t = f32(f32(f32(acc) * s) * sw[j]) + b[j]``,
-  ``y = clamp(rne(f32(t * f32(1 / so))) + zo, 0, 255)``.
+  oneDNN reciprocal scales), ``t = f32(f32(f32(acc) * s) * w[j]) + b[j]`` with
+  ``w = sw`` for Conv and ``w = f32(1 / f32(1 / sw))`` for Linear (matmul),
+  ``y = clamp(rne(f32(t * f32(1 / so))) + zo, 0, 255)`` — fitted to torch 2.13 on
+  outputs next to rounding boundaries, where every other candidate failed.
 
 Fused ReLU variants clamp the low end at ``zo``. The integer accumulation is exact
 (``preferred_element_type=jnp.int32``), so torch deviates from these rules only where its
@@ -56,10 +61,13 @@ kernels do: fbgemm's u8 x s8 pairwise int16 accumulation saturates when activati
 all 8 bits (the x86/fbgemm qconfigs use ``reduce_range`` activations for that reason).
 
 Numerics: XLA:CPU contracts ``a * b + c`` into FMAs and rewrites divisions by broadcast
-operands into reciprocal multiplies; torch's kernels do neither (or exactly the opposite,
-as above). Products that feed an addition, divisions, and the fused multiply-adds torch
-does perform are therefore formed in float64 and rounded once (round-to-odd for the FMA),
-which reproduces float32 IEEE results bit for bit on CPU.
+operands into reciprocal multiplies, while torch rounds each op on its own except where a
+kernel fuses (the rules above). Products that feed an addition, divisions, and the fused
+multiply-adds torch's kernels perform are therefore formed in float64 and rounded once to
+float32 (round-to-odd for the FMA), which is IEEE float32 bit for bit. The rounding is
+done with ``lax.reduce_precision`` inside float64 before the cast, because XLA (excess
+precision allowed) deletes ``f64 -> f32 -> f64`` convert pairs between two such ops.
+Denormal results flush to zero, as XLA:CPU does everywhere.
 
 Embedding differences from torch (documented and tested):
 
@@ -158,9 +166,12 @@ class PackedLinear(NamedTuple):
 class PackedConv(NamedTuple):
     """Parameters of a converted Conv1d/2d/3d (``nnq.ConvNd``, ``nniq.ConvReLUNd``).
 
-    Same fields as :class:`PackedLinear`; ``weight`` is int8 ``(out, in / groups,
-    *kernel_size)`` (torch layout). Stride, padding, dilation and groups are static
-    arguments of :func:`quantized_conv`.
+    Same fields as :class:`PackedLinear`, but ``weight`` is int8 in Flax's layout
+    ``(*kernel_size, in / groups, out)`` (``kernel_to_torch(weight, "conv")`` gives torch's
+    ``(out, in / groups, *kernel_size)``): XLA:CPU's fast int8 convolution needs that
+    physical layout, and a transpose inside ``jit`` is folded into the convolution (1000x
+    slower measured). Stride, padding, dilation and groups are static arguments of
+    :func:`quantized_conv`.
     """
     weight: jax.Array
     weight_scale: jax.Array
@@ -484,13 +495,16 @@ def pack_conv(weight, bias, post_process, state=None, *, output_qparams,
 
     ``weight``: float ``(out, in / groups, *kernel_size)`` in torch's layout (use
     ``kernel_to_torch(kernel, "conv")`` for a Flax kernel; fold BN first with
-    :func:`fuse_conv_bn_weights`). Other arguments as :func:`pack_linear`.
+    :func:`fuse_conv_bn_weights`); it is observed and quantized in that layout (per-channel
+    along axis 0, as torch) and stored in Flax's layout (see :class:`PackedConv`). Other
+    arguments as :func:`pack_linear`.
     """
     if jnp.ndim(weight) not in (3, 4, 5):
         raise ValueError(f"weight must be 3-D, 4-D or 5-D (Conv1d/2d/3d), got shape "
                          f"{jnp.shape(weight)}")
-    return PackedConv(*_pack(weight, bias, post_process, state, output_qparams, observe,
-                             "Conv"))
+    q, scale, zp, b, so, zo = _pack(weight, bias, post_process, state, output_qparams, observe,
+                                    "Conv")
+    return PackedConv(torch_to_kernel(q, "conv"), scale, zp, b, so, zo)
 
 
 # ----------------------------------------------------------------------------------------
@@ -554,7 +568,7 @@ def _check_requant(requant):
         raise ValueError(f"requant={requant!r}: expected one of {REQUANT_RULES}")
 
 
-def _requantize(acc, axis, sx, sw, bias, so, zo, relu, requant, out_dtype):
+def _requantize(acc, axis, sx, sw, bias, so, zo, relu, requant, out_dtype, op):
     """int32 accumulators -> quantized outputs by torch's kernel rule (module docstring)."""
     shape = [1] * acc.ndim
     shape[axis] = -1
@@ -575,9 +589,11 @@ def _requantize(acc, axis, sx, sw, bias, so, zo, relu, requant, out_dtype):
         mult = _mul(m, _div(_F32(1.0), so))
         y = nm.rne(acc.astype(_F32) * mult)
     else:  # onednn
-        with nm.enable_x64():
-            inv64 = (1.0 / sx.astype(jnp.float64)).astype(_F32)
-        s_eff = _div(_F32(1.0), inv64)
+        # torch passes 1.0 / input_scale (double) as a float; oneDNN inverts it again. The
+        # Linear (matmul) path does the same to the weight scales; the Conv path does not.
+        s_eff = _div(_F32(1.0), _exact(lambda u: 1.0 / u, sx))
+        if op == "linear":
+            sw = _div(_F32(1.0), _exact(lambda u: 1.0 / u, sw))
         t = _mul(_mul(a, s_eff), sw)
         if b is not None:
             t = t + b
@@ -644,7 +660,7 @@ def _linear_impl(x, p, relu, requant, wzp):
 
     acc = _apply_wzp(acc, zw, wzp, correction)
     y = _requantize(acc, acc.ndim - 1, x.scale.astype(_F32), p.weight_scale, p.bias, p.scale,
-                    p.zero_point, relu, requant, x.q.dtype)
+                    p.zero_point, relu, requant, x.q.dtype, "linear")
     return QTensor(y, p.scale.astype(_F32), p.zero_point.astype(jnp.int32))
 
 
@@ -731,7 +747,7 @@ def quantized_conv(x: QTensor, p: PackedConv, *, strides=1, padding=0, dilation=
       x: :class:`QTensor`, uint8 (quint8, as torch) or int8. ``channels_last=True`` (Flax):
         ``(*batch, *spatial, in)`` (any number of batch dims, or none); ``False`` (torch):
         ``(N, in, *spatial)``.
-      p: :class:`PackedConv` (weight ``(out, in / groups, *kernel)``).
+      p: :class:`PackedConv` (weight ``(*kernel, in / groups, out)``).
       strides, dilation: int or one per spatial dim.
       padding: int, ints per dim (symmetric, torch), ``(lo, hi)`` pairs per dim, or
         ``"SAME"`` / ``"VALID"`` / ``"CIRCULAR"`` / ``"CAUSAL"`` (Flax's strings; torch's
@@ -743,7 +759,10 @@ def quantized_conv(x: QTensor, p: PackedConv, *, strides=1, padding=0, dilation=
     Returns:
       :class:`QTensor` in the input's layout with ``p.scale`` / ``p.zero_point``.
       The accumulation is ``lax.conv_general_dilated`` on int8 operands with int32 results
-      (the input is padded explicitly with its zero point, then shifted to int8).
+      (the input is padded explicitly with its zero point, then shifted to int8), in
+      channels-last layout (1-D convs run as 2-D convs of height 1: XLA:CPU's int8 1-D
+      convolution is ~70x slower). ``channels_last=False`` transposes in and out, which
+      XLA folds into the convolution: correct but slow (torch-layout interop only).
     """
     _check_activation(x)
     _check_requant(requant)
@@ -763,12 +782,12 @@ def quantized_conv(x: QTensor, p: PackedConv, *, strides=1, padding=0, dilation=
         if len(shape) != nsp + 2:
             raise ValueError(f"input must be (N, C, *spatial) with {nsp} spatial dims, got {shape}")
         spatial, cin = shape[2:], shape[1]
-    if groups < 1 or cin % groups or w.shape[0] % groups or w.shape[1] * groups != cin:
+    if groups < 1 or cin % groups or w.shape[-1] % groups or w.shape[-2] * groups != cin:
         raise ValueError(f"groups={groups}: input channels {cin} / weight {tuple(w.shape)} do not "
-                         f"match (weight must be (out, in / groups, *kernel))")
+                         f"match (weight must be (*kernel, in / groups, out))")
     strides = _tuple(strides, nsp, "strides")
     dilation = _tuple(dilation, nsp, "dilation")
-    pads, str_mode = _conv_pads(padding, spatial, tuple(w.shape[2:]), strides, dilation)
+    pads, str_mode = _conv_pads(padding, spatial, tuple(w.shape[:-2]), strides, dilation)
     mode = str_mode or padding_mode
     return _conv_impl(x, p, strides, tuple(pads), dilation, groups, mode, bool(relu),
                       bool(channels_last), requant, _wzp_mode(p.weight_zero_point))
@@ -776,55 +795,52 @@ def quantized_conv(x: QTensor, p: PackedConv, *, strides=1, padding=0, dilation=
 
 @functools.partial(jax.jit, static_argnums=tuple(range(2, 11)))
 def _conv_impl(x, p, strides, pads, dilation, groups, mode, relu, channels_last, requant, wzp):
-    w = p.weight
+    w = p.weight                      # (*kernel, in / groups, out)
     nsp = w.ndim - 2
-    q = x.q
-    batch = None
-    if channels_last:
-        batch = q.shape[:q.ndim - nsp - 1]
-        q = q.reshape((-1,) + q.shape[q.ndim - nsp - 1:])
-        c_axis, spatial_axes = nsp + 1, tuple(range(1, nsp + 1))
-    else:
-        c_axis, spatial_axes = 1, tuple(range(2, nsp + 2))
-    cin = q.shape[c_axis]
-    ksize = tuple(w.shape[2:])
+    q = x.q if channels_last else jnp.moveaxis(x.q, 1, -1)
+    batch = q.shape[:q.ndim - nsp - 1]
+    q = q.reshape((-1,) + q.shape[q.ndim - nsp - 1:])
+    if nsp == 1:                      # run 1-D as 2-D with a unit height
+        q, w = q[:, None], w[None]
+        strides, dilation, pads = (1,) + strides, (1,) + dilation, ((0, 0),) + pads
+        nsp = 2
+    cin, cout = q.shape[-1], w.shape[-1]
+    ksize = tuple(w.shape[:-2])
     zx = x.zero_point.astype(jnp.int32)
     if any(lo or hi for lo, hi in pads):
-        full = [(0, 0)] * q.ndim
-        for ax, pr in zip(spatial_axes, pads):
-            full[ax] = pr
+        full = [(0, 0)] + list(pads) + [(0, 0)]
         if mode == "zeros":
             q = jnp.pad(q, full, mode="constant", constant_values=zx.astype(q.dtype))
         else:
             q = jnp.pad(q, full, mode=_PAD_MODES[mode])
     xs, shift = _shift_to_int8(q)
     sp = "DHW"[3 - nsp:]
-    lhs = ("N" + sp + "C") if channels_last else ("NC" + sp)
-    dn = lax.conv_dimension_numbers(xs.shape, w.shape, (lhs, "OI" + sp, lhs))
+    dn = lax.conv_dimension_numbers(xs.shape, w.shape, ("N" + sp + "C", sp + "IO", "N" + sp + "C"))
     acc = lax.conv_general_dilated(xs, w, strides, "VALID", rhs_dilation=dilation,
                                    dimension_numbers=dn, feature_group_count=groups,
                                    preferred_element_type=jnp.int32)
-    bshape = [1] * acc.ndim
-    bshape[c_axis] = -1
-    colsum = jnp.sum(w, axis=tuple(range(1, w.ndim)), dtype=jnp.int32)
-    acc = acc + ((jnp.int32(shift) - zx) * colsum).reshape(bshape)
+    colsum = jnp.sum(w, axis=tuple(range(w.ndim - 1)), dtype=jnp.int32)
+    acc = acc + (jnp.int32(shift) - zx) * colsum
     zw = p.weight_zero_point.astype(jnp.int32)
 
     def correction(acc):
         # zw[o] * sum over o's window of (x - zx): a grouped conv with an all-ones kernel.
-        ones = jnp.ones((groups, cin // groups) + ksize, jnp.int8)
+        ones = jnp.ones(ksize + (cin // groups, groups), jnp.int8)
         win = lax.conv_general_dilated(xs, ones, strides, "VALID", rhs_dilation=dilation,
                                        dimension_numbers=dn, feature_group_count=groups,
                                        preferred_element_type=jnp.int32)
         win = win + (jnp.int32(shift) - zx) * int(np.prod(ksize) * (cin // groups))
-        per_out = jnp.repeat(win, w.shape[0] // groups, axis=c_axis)
-        return acc - per_out * jnp.broadcast_to(zw, (w.shape[0],)).reshape(bshape)
+        per_out = jnp.repeat(win, cout // groups, axis=-1)
+        return acc - per_out * jnp.broadcast_to(zw, (cout,))
 
     acc = _apply_wzp(acc, zw, wzp, correction)
-    y = _requantize(acc, c_axis, x.scale.astype(_F32), p.weight_scale, p.bias, p.scale,
-                    p.zero_point, relu, requant, x.q.dtype)
-    if batch is not None:
-        y = y.reshape(batch + y.shape[1:])
+    y = _requantize(acc, acc.ndim - 1, x.scale.astype(_F32), p.weight_scale, p.bias, p.scale,
+                    p.zero_point, relu, requant, x.q.dtype, "conv")
+    if p.weight.ndim == 3:
+        y = y[:, 0]
+    y = y.reshape(batch + y.shape[1:])
+    if not channels_last:
+        y = jnp.moveaxis(y, -1, 1)
     return QTensor(y, p.scale.astype(_F32), p.zero_point.astype(jnp.int32))
 
 

@@ -162,7 +162,8 @@ def convert_and_compare(float_mod, cfg, calib, test_x, *, conv_kw=None, fuse=Non
     p = pack(jnp.asarray(w), jnp.asarray(b), jqc.weight, output_qparams=(so, zo))
     with engine(eng):  # unpacking qnnpack conv1d weights under another engine breaks them
         tw, tws, twz = torch_weight_q(tmod.weight())
-    assert np.array_equal(np.asarray(p.weight), tw)
+    pw = Q.kernel_to_torch(p.weight, "conv") if conv else p.weight
+    assert np.array_equal(np.asarray(pw), tw)
     assert bits_equal(np.asarray(p.weight_scale), tws)
     assert np.array_equal(np.asarray(p.weight_zero_point), twz)
     with engine(eng):
@@ -416,7 +417,7 @@ def test_qat_convbnrelu_and_linear_convert(backend):
     pc = Q.pack_conv(w, b, wcfg, wstate, output_qparams=Q.activation_qparams(ccfg, cstate))
     with engine(backend):
         tw, tws, _ = torch_weight_q(qm.conv.weight())
-    assert np.array_equal(np.asarray(pc.weight), tw) and bits_equal(np.asarray(pc.weight_scale), tws)
+    assert np.array_equal(np.asarray(Q.kernel_to_torch(pc.weight, "conv")), tw) and bits_equal(np.asarray(pc.weight_scale), tws)
     xq = Q.quantize(x, sx, zx)
     with engine(backend):
         assert np.array_equal(np.asarray(xq.q), npa(qm.quant(torch.from_numpy(x)).int_repr()))
@@ -467,7 +468,7 @@ def test_fbgemm_8bit_activation_saturation_deviations(kind, capsys):
     assert rule == "fbgemm"
     # exact integer accumulator, computed independently
     xi = np.asarray(xq.q).astype(np.int64) - int(xq.zero_point)
-    wi = np.asarray(p.weight).astype(np.int64)
+    wi = np.asarray(p.weight if conv_kw is None else Q.kernel_to_torch(p.weight, "conv")).astype(np.int64)
     if conv_kw is None:
         acc, axis = xi @ wi.T, 1
     else:
@@ -487,34 +488,85 @@ def test_fbgemm_8bit_activation_saturation_deviations(kind, capsys):
     assert dev.mean() < 0.5
 
 
-def test_requant_rules_differ_and_onednn_engine():
-    """Each rule matches its own engine on the same packed weights (torch ops directly)."""
+def _boundary_rows(targets, k1=300, k2=300):
+    """uint8 rows x (zero point 0) with x . [127]*k1 + [1]*k2 == target (each target < 127*127*k1)."""
+    rows = np.zeros((len(targets), k1 + k2), np.int64)
+    for i, t in enumerate(targets):
+        a, b = divmod(int(t), 127)
+        q, r = divmod(a, 127)
+        rows[i, :q], rows[i, q] = 127, r
+        q2, r2 = divmod(b, 127)
+        rows[i, k1:k1 + q2], rows[i, k1 + q2] = 127, r2
+    return rows
+
+
+def _near_boundary(acc_range, sx, sw, so, b, n):
+    """Accumulator values whose outputs sit near a rounding boundary (where rules differ)."""
+    acc = np.arange(*acc_range, dtype=np.int64)
+    m = F32(sx * sw)
+    raw = (acc.astype(F32) + F32(b / m)).astype(F32)
+    v = (raw * F32(m / so)).astype(F32)
+    frac = np.abs(v - np.floor(v) - F32(0.5))
+    return acc[np.argsort(frac, kind="stable")[:n]]
+
+
+@pytest.mark.parametrize("eng", ["fbgemm", "onednn", "qnnpack", "x86"])
+def test_requant_rule_matches_engine_at_rounding_boundaries(eng):
+    """Each rule against its engine's torch.ops.quantized.linear / conv2d (1x1), on random
+    rows and on rows whose outputs lie within an ulp of .5 (where the rules part ways).
+    x86: Linear runs fbgemm, Conv runs x86_conv_requant() (oneDNN on AVX512-VNNI CPUs)."""
+    rule = rule_for(eng)
+    conv_rule = rule_for(eng, conv=True)
     rng = np.random.default_rng(8)
-    k, n, bsz = 40, 12, 96
-    xi = rng.integers(0, 128, (bsz, k)).astype(np.uint8)
-    wi = rng.integers(-128, 128, (n, k)).astype(np.int8)
-    sw = np.exp(rng.uniform(-7, -3, n)).astype(F32)
-    b = (rng.standard_normal(n) * 3).astype(F32)
-    sx, zx, so, zo = F32(0.031), 61, F32(0.017), 97
-    wq = torch._make_per_channel_quantized_tensor(torch.from_numpy(wi), torch.from_numpy(sw.astype(np.float64)),
-                                                  torch.zeros(n, dtype=torch.long), 0)
-    xq_t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(xi), float(sx), zx)
-    p = Q.PackedLinear(jnp.asarray(wi), jnp.asarray(sw), jnp.zeros(n, jnp.int32), jnp.asarray(b),
-                       jnp.float32(so), jnp.int32(zo))
-    xq = Q.QTensor(jnp.asarray(xi), jnp.float32(sx), jnp.int32(zx))
-    outs = {}
-    for eng, rule in (("fbgemm", "fbgemm"), ("onednn", "onednn"), ("qnnpack", "qnnpack")):
+    w_row = np.array([127] * 300 + [1] * 300, np.int8)
+    for trial in range(6):
+        sx = F32(np.exp(rng.uniform(-6, -1)))
+        sw = F32(np.exp(rng.uniform(-7, -2)))
+        so = F32(np.exp(rng.uniform(-5, 1)))
+        b = F32(rng.uniform(-1, 1) * np.exp(rng.uniform(-3, 3)))
+        lim = int(min(250 / (sx * sw / so), 127 * 127 * 300))
+        rows = np.concatenate([_boundary_rows(_near_boundary((0, lim), sx, sw, so, b, 48)),
+                               rng.integers(0, 128, (16, 600))])
+        xi = rows.astype(np.uint8)
+        wq = torch._make_per_tensor_quantized_tensor(torch.from_numpy(w_row[None]), float(sw), 0)
+        xt = torch._make_per_tensor_quantized_tensor(torch.from_numpy(xi), float(sx), 0)
         with engine(eng):
-            wq_e = wq if eng != "qnnpack" else torch._make_per_channel_quantized_tensor(
-                torch.from_numpy(np.clip(wi, -127, 127)), torch.from_numpy(sw.astype(np.float64)),
-                torch.zeros(n, dtype=torch.long), 0)
-            packed = torch.ops.quantized.linear_prepack(wq_e, torch.from_numpy(b))
-            t = npa(torch.ops.quantized.linear(xq_t, packed, float(so), zo).int_repr())
-        pe = p._replace(weight=jnp.asarray(np.clip(wi, -127, 127))) if eng == "qnnpack" else p
-        got = np.asarray(Q.quantized_linear(xq, pe, requant=rule).q)
-        assert np.array_equal(got, t), (eng, int((got != t).sum()))
-        outs[rule] = got
-    assert Q.REQUANT_RULES == ("fbgemm", "qnnpack", "onednn")
+            lin = torch.ops.quantized.linear(
+                xt, torch.ops.quantized.linear_prepack(wq, torch.tensor([b])), float(so), 0)
+            xc = torch._make_per_tensor_quantized_tensor(
+                torch.from_numpy(np.ascontiguousarray(xi.T[None, :, :, None])), float(sx), 0)
+            wc = torch._make_per_tensor_quantized_tensor(torch.from_numpy(w_row[None, :, None, None].copy()),
+                                                         float(sw), 0)
+            conv = torch.ops.quantized.conv2d(
+                xc.contiguous(memory_format=torch.channels_last),
+                torch.ops.quantized.conv2d_prepack(wc, torch.tensor([b]), [1, 1], [0, 0], [1, 1], 1),
+                float(so), 0)
+        p = Q.PackedLinear(jnp.asarray(w_row[None]), jnp.asarray([sw]), jnp.zeros(1, jnp.int32),
+                           jnp.asarray([b]), jnp.float32(so), jnp.int32(0))
+        xq = Q.QTensor(jnp.asarray(xi), jnp.float32(sx), jnp.int32(0))
+        got = np.asarray(Q.quantized_linear(xq, p, requant=rule).q)[:, 0]
+        assert np.array_equal(got, npa(lin.int_repr())[:, 0]), (trial, "linear")
+        pc = Q.PackedConv(jnp.asarray(w_row[None, None, :, None]), p.weight_scale,
+                          p.weight_zero_point, p.bias, p.scale, p.zero_point)
+        xcq = Q.QTensor(jnp.asarray(xi[None, :, None, :]), jnp.float32(sx), jnp.int32(0))
+        gotc = np.asarray(Q.quantized_conv(xcq, pc, requant=conv_rule).q)[0, :, 0, 0]
+        assert np.array_equal(gotc, npa(conv.int_repr())[0, 0, :, 0]), (trial, "conv")
+
+
+def test_requant_rules_differ():
+    """The three rules are different functions (each matched by one engine only)."""
+    rng = np.random.default_rng(9)
+    k, n, bsz = 40, 12, 512
+    p = Q.PackedLinear(jnp.asarray(rng.integers(-128, 128, (n, k)).astype(np.int8)),
+                       jnp.asarray(np.exp(rng.uniform(-7, -3, n)).astype(F32)),
+                       jnp.zeros(n, jnp.int32), jnp.asarray((rng.standard_normal(n) * 3).astype(F32)),
+                       jnp.float32(0.0171), jnp.int32(97))
+    xq = Q.QTensor(jnp.asarray(rng.integers(0, 128, (bsz, k)).astype(np.uint8)),
+                   jnp.float32(0.0313), jnp.int32(61))
+    outs = {r: np.asarray(Q.quantized_linear(xq, p, requant=r).q) for r in Q.REQUANT_RULES}
+    assert not np.array_equal(outs["fbgemm"], outs["qnnpack"])
+    assert np.abs(outs["fbgemm"].astype(int) - outs["qnnpack"]).max() == 1
+    assert np.abs(outs["fbgemm"].astype(int) - outs["onednn"]).max() <= 1
 
 
 # ----------------------------------------------------------------------------------------
