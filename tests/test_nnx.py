@@ -878,3 +878,29 @@ def test_prepare_ptq_matches_torch_observers():
             tsd = {k: v.numpy() for k, v in tmod.activation_post_process.state_dict().items()}
             for k, v in pp.state_dict().items():
                 np.testing.assert_allclose(v, tsd[k], rtol=1e-6, err_msg=f"{qconfig} {jname} {k}")
+
+
+def test_fuse_modules_folds_bn_like_torch():
+    """PTQ fusion (torch's fuse_modules in eval mode): BN folded into the weights."""
+    j = NNXFused()
+    t = TorchFused()
+    _copy_to_torch(j, t)
+    for name in ("b2", "b1", "bl"):  # non-trivial running stats
+        c = getattr(j, name).num_features
+        mean, var = _rand(c, scale=0.3), RNG.uniform(0.5, 2.0, c).astype(np.float32)
+        getattr(j, name).mean[...] = jnp.asarray(mean)
+        getattr(j, name).var[...] = jnp.asarray(var)
+        with torch.no_grad():
+            getattr(t, name).running_mean.copy_(_t(mean))
+            getattr(t, name).running_var.copy_(_t(var))
+    t.eval()
+    tf = tq.fuse_modules(t, FUSE_GROUPS)
+    jf = jqn.fuse_modules(j, FUSE_GROUPS)
+    assert type(jf.c2) is jqn.ConvReLU and type(jf.c1) is nnx.Conv and jf.c1.bias is not None
+    assert type(jf.l1) is nnx.Linear and type(jf.b2) is jqn.Identity
+    xs = [_rand(4, 6, 6, 3), _rand(4, 7, 3), _rand(2, 4, 4, 4, 2), _rand(4, 6)]
+    outs = jf(*[jnp.asarray(x) for x in xs])
+    touts = tf(*[_t(_nchw(x)) if i < 3 else _t(x) for i, x in enumerate(xs)])
+    for i, (o, to) in enumerate(zip(outs, touts)):
+        to = to.detach().numpy()
+        assert _rel(o, _nhwc(to) if i < 3 else to) <= 1e-5, i

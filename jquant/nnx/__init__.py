@@ -31,7 +31,7 @@ from jquant.nnx.modules import (ConvBn, ConvBnReLU, ConvReLU, DeQuantStub, Embed
 from jquant.nnx import qat
 from jquant.nnx.qat import Conv, Dense, Embed, Linear
 from jquant.nnx.quantize import (convert, enable_param_learning, enable_static_estimate,
-                                 enable_static_observation, freeze_bn_stats, fuse_modules_qat,
+                                 enable_static_observation, freeze_bn_stats, fuse_modules, fuse_modules_qat,
                                  get_observer_dict, get_observer_state_dict,
                                  load_observer_state_dict, prepare, prepare_qat,
                                  propagate_qconfig, update_bn_stats)
@@ -40,7 +40,7 @@ __all__ = [
     "QuantStub", "DeQuantStub", "QuantWrapper", "Identity", "EmbeddingBag",
     "Linear", "Dense", "Conv", "Embed", "qat",
     "ConvBn", "ConvBnReLU", "ConvReLU", "LinearBn", "LinearReLU",
-    "prepare", "prepare_qat", "convert", "fuse_modules_qat", "freeze_bn_stats",
+    "prepare", "prepare_qat", "convert", "fuse_modules_qat", "fuse_modules", "freeze_bn_stats",
     "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
     "load_observer_state_dict", "propagate_qconfig", "enable_param_learning",
     "enable_static_estimate", "enable_static_observation",

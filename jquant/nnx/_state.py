@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant import collectives
 from jquant import flags as _flags
 from jquant import layers as _L
 from jquant._state_dict import StateDictError
@@ -40,24 +41,6 @@ class QuantParam(nnx.Param):
     An ``nnx.Param`` subclass, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` updates it;
     filter on ``QuantParam`` to give it its own optax transform.
     """
-
-
-def placement_of(ref):
-    """A sharding that puts small state next to array ``ref`` (its device, or replicated
-    over its mesh); None when ``ref`` is None, traced or not committed to a device (then
-    the state stays uncommitted too: mixing committed and uncommitted arguments would
-    make ``jit`` compile a second time)."""
-    if ref is None or isinstance(ref, jax.core.Tracer) or not getattr(ref, "committed", False):
-        return None
-    sh = getattr(ref, "sharding", None)
-    if sh is None:
-        return None
-    devices = sh.device_set
-    if len(devices) == 1:
-        return jax.sharding.SingleDeviceSharding(next(iter(devices)))
-    if isinstance(sh, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
-    return None
 
 
 def is_namedtuple(v) -> bool:
@@ -122,9 +105,8 @@ class PostProcess(_StateNode):
             raise ValueError(f"config must be an observer or fake-quantize config, got {config!r}")
         if state is None:
             state = config.init(example)
-        sharding = placement_of(like)
-        if sharding is not None:  # device affinity: the state lives where the module's params do
-            state = jax.device_put(state, sharding)
+        # device affinity: the state lives where the module's (committed) params do
+        state = collectives.place_like(state, like)
         param_fields = ("scale", "zero_point") if isinstance(config, LearnableFakeQuantize) else ()
         self.config = config
         self.axis_name = axis_name

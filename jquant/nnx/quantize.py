@@ -24,7 +24,7 @@ from jquant._state_dict import StateDictError, sub_dict
 from jquant.nnx import modules as M
 from jquant.nnx._state import PostProcess
 
-__all__ = ["prepare", "prepare_qat", "convert", "fuse_modules_qat", "freeze_bn_stats",
+__all__ = ["prepare", "prepare_qat", "convert", "fuse_modules_qat", "fuse_modules", "freeze_bn_stats",
            "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
            "load_observer_state_dict", "propagate_qconfig", "enable_param_learning",
            "enable_static_estimate", "enable_static_observation"]
@@ -361,9 +361,51 @@ def fuse_modules_qat(model, modules_to_fuse, *, inplace: bool = False):
     """
     if not inplace:
         model = nnx.clone(model)
+    for names, first, bn, relu, relu_path in _groups(model, modules_to_fuse):
+        if type(first) is nnx.Conv:
+            cls = (M.ConvBnReLU if relu else M.ConvBn) if bn is not None else M.ConvReLU
+        else:
+            cls = M.LinearBn if bn is not None else M.LinearReLU
+        model = _replace_group(model, names, relu_path, cls.fuse(first, bn))
+    return model
+
+
+def fuse_modules(model, modules_to_fuse, *, inplace: bool = False):
+    """Fuses for post-training quantization, folding BatchNorm into the weights.
+
+    ``torch.ao.quantization.fuse_modules`` (eval mode, ``fuse_conv_bn_eval``): conv+bn ->
+    ``nnx.Conv`` with ``w * gamma / sqrt(var + eps)`` and the folded bias (a bias Param
+    is added when the conv had none), conv+bn+relu / conv+relu -> :class:`ConvReLU`,
+    linear+bn -> ``nnx.Linear``, linear+relu -> :class:`LinearReLU`; the other slots
+    become :class:`Identity`. Groups and the ReLU entry as :func:`fuse_modules_qat`.
+    """
+    if not inplace:
+        model = nnx.clone(model)
+    for names, first, bn, relu, relu_path in _groups(model, modules_to_fuse):
+        if bn is not None:
+            kernel, bias = _L.fold_bn(first.kernel[...], None if first.bias is None else first.bias[...],
+                                      None if bn.scale is None else bn.scale[...],
+                                      None if bn.bias is None else bn.bias[...], bn.mean[...],
+                                      bn.var[...], bn.epsilon)
+            first.kernel[...] = kernel
+            bias = bias.astype(first.param_dtype)
+            if first.bias is None:
+                first.bias = nnx.Param(bias)
+                first.use_bias = True
+            else:
+                first.bias[...] = bias
+        if relu:
+            first = (M.ConvReLU if type(first) is nnx.Conv else M.LinearReLU).fuse(first)
+        model = _replace_group(model, names, relu_path, first)
+    return model
+
+
+def _groups(model, modules_to_fuse):
+    """Validated fusion groups: ``(names, first, bn | None, relu, relu_path)``."""
     groups = list(modules_to_fuse)
     if groups and (isinstance(groups[0], str) or callable(groups[0])):
         groups = [groups]
+    out = []
     for group in groups:
         names = list(group)
         if len(names) < 2:
@@ -383,22 +425,24 @@ def fuse_modules_qat(model, modules_to_fuse, *, inplace: bool = False):
             raise ValueError(f"cannot fuse group {group!r}: supported patterns are conv-bn(-relu), "
                              f"conv-relu, linear-bn, linear-relu")
         t = type(first)
-        if t is nnx.Conv:
-            cls = (M.ConvBnReLU if relu else M.ConvBn) if bn is not None else M.ConvReLU
-        elif t is nnx.Linear:
-            if bn is not None and relu:
-                raise ValueError("linear-bn-relu fusion is not supported (torch has no LinearBnReLU)")
-            cls = M.LinearBn if bn is not None else M.LinearReLU
-        else:
+        if t not in (nnx.Conv, nnx.Linear):
             raise ValueError(f"cannot fuse a {t.__name__}: the first module must be nnx.Conv or nnx.Linear")
+        if t is nnx.Linear and bn is not None and relu:
+            raise ValueError("linear-bn-relu fusion is not supported (torch has no LinearBnReLU)")
         if bn is None and not relu:
             raise ValueError(f"cannot fuse group {group!r}: nothing to fuse")
-        fused = cls.fuse(first, bn)
-        model = _replace(model, names[0], fused)
-        for n in names[1:]:
-            model = _replace(model, n, M.Identity())
-        if relu_path is not None:
-            model = _replace(model, relu_path, M.Identity())
+        if bn is not None:
+            M._check_bn(bn, first.out_features, f"fuse {group!r}")
+        out.append((names, first, bn, relu, relu_path))
+    return out
+
+
+def _replace_group(model, names, relu_path, fused):
+    model = _replace(model, names[0], fused)
+    for n in names[1:]:
+        model = _replace(model, n, M.Identity())
+    if relu_path is not None:
+        model = _replace(model, relu_path, M.Identity())
     return model
 
 
