@@ -22,8 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import pytreelib
 
+from jquant import _numerics as nm
+from jquant import collectives
 from jquant import layers as _L
-from jquant.nnx._state import PostProcess
+from jquant.nnx._state import PostProcess, QuantStat
 
 __all__ = [
     "QuantStub", "DeQuantStub", "QuantWrapper", "Identity", "EmbeddingBag",
@@ -137,7 +139,7 @@ class _QuantMixin:
         new = object.__new__(base)
         object.__setattr__(new, "_pytree__state", pytreelib.PytreeState())
         skip = {"_pytree__state", "float_promote_dtype", "qconfig", "weight_fake_quant",
-                "activation_post_process", "freeze_bn"}
+                "activation_post_process", "freeze_bn", "bn_unbiased_running_var"}
         nodes = {k: v for k, v in self._pytree__nodes.items() if k not in skip}
         for k, v in vars(self).items():
             if k not in skip and k != "_pytree__nodes":
@@ -500,7 +502,10 @@ class _QATFusedMixin(_QuantMixin):
         super()._setup_quant(qconfig, weight=weight, axis_name=axis_name)
         if self._has_bn:
             if "freeze_bn" not in vars(self):
-                self.freeze_bn = False
+                # a Variable, not a Python bool: freeze_bn_stats never retraces a jitted step,
+                # and the frozen state travels with checkpoints
+                like = self.bn.mean[...]
+                self.freeze_bn = QuantStat(collectives.place_like(jnp.zeros((1,), jnp.uint8), like))
             if "bn_unbiased_running_var" not in vars(self):
                 self.bn_unbiased_running_var = False
 
@@ -521,14 +526,14 @@ class _QATFusedMixin(_QuantMixin):
         """Use and keep the BN running statistics (torch's ``freeze_bn_stats()`` method)."""
         if not self._has_bn:
             raise AttributeError(f"{type(self).__name__} has no BatchNorm")
-        self.freeze_bn = True
+        self.freeze_bn[...] = jnp.ones_like(self.freeze_bn[...])
         return self
 
     def update_bn_stats(self):
         """Batch statistics while training again (torch's ``update_bn_stats()`` method)."""
         if not self._has_bn:
             raise AttributeError(f"{type(self).__name__} has no BatchNorm")
-        self.freeze_bn = False
+        self.freeze_bn[...] = jnp.zeros_like(self.freeze_bn[...])
         return self
 
     def _scale_factor(self):
@@ -546,13 +551,17 @@ class _QATFusedMixin(_QuantMixin):
         return self.float_promote_dtype((x, self._fq_kernel(kernel), bias), dtype=dtype, **kwargs)
 
     def _training(self, use_running_average):
-        if self.freeze_bn:
-            return False
+        """False (running stats), True (batch stats) or a traced bool (``freeze_bn`` under jit)."""
         ura = self.bn.use_running_average if use_running_average is None else use_running_average
         if ura is None:
             raise ValueError(f"{type(self).__name__}: no use_running_average for the BatchNorm; "
                              f"call model.train() / model.eval() or pass use_running_average")
-        return not ura
+        if ura:
+            return False
+        frozen = jnp.reshape(self.freeze_bn[...], (-1,))[0] != 0
+        if nm.is_concrete(frozen):
+            return not bool(frozen)
+        return jnp.logical_not(frozen)
 
     def __call__(self, x, *args, use_running_average=None, **kwargs):
         y = self._float_base.__call__(self, x, *args, **kwargs)
@@ -565,16 +574,24 @@ class _QATFusedMixin(_QuantMixin):
             y = y.astype(dtype)
             gamma = None if bn.scale is None else bn.scale[...]
             beta = None if bn.bias is None else bn.bias[...]
-            if self._training(use_running_average):
+            training = self._training(use_running_average)
+            frozen_y = None
+            if training is not True:
+                frozen_y = _L.bn_normalize(y, bn.mean[...], bn.var[...], gamma, beta, bn.epsilon)
+            if training is not False:
                 stats = _L.bn_stats(y, tuple(range(y.ndim - 1)), axis_name=bn.axis_name)
                 new_mean, new_var = _L.bn_update_running(
                     bn.mean[...], bn.var[...], stats, bn.momentum,
                     unbiased=self.bn_unbiased_running_var)
+                y = _L.bn_normalize(y, stats.mean, stats.var, gamma, beta, bn.epsilon)
+                if training is not True:  # traced freeze_bn flag: select, keep frozen stats
+                    y = jnp.where(training, y, frozen_y)
+                    new_mean = jnp.where(training, new_mean, bn.mean[...])
+                    new_var = jnp.where(training, new_var, bn.var[...])
                 bn.mean[...] = jax.lax.stop_gradient(new_mean)
                 bn.var[...] = jax.lax.stop_gradient(new_var)
-                y = _L.bn_normalize(y, stats.mean, stats.var, gamma, beta, bn.epsilon)
             else:
-                y = _L.bn_normalize(y, bn.mean[...], bn.var[...], gamma, beta, bn.epsilon)
+                y = frozen_y
         if self._relu:
             y = jax.nn.relu(y)
         return _apply(self.activation_post_process, y)

@@ -458,11 +458,12 @@ def freeze_bn_stats(model):
     ``torch.ao.nn.intrinsic.qat.freeze_bn_stats`` applied with ``model.apply``: like
     torch's, it acts on ConvBn / ConvBnReLU (1-3D) only, not on LinearBn (call
     ``module.freeze_bn_stats()`` on a LinearBn, as torch's ``LinearBn1d.freeze_bn_stats()``).
-    In place; returns ``model``. ``model.train()`` does not undo it (as in torch); it is a
-    static attribute, so a jitted step retraces once.
+    In place; returns ``model``. ``model.train()`` does not undo it (as in torch). The flag
+    is a Variable (``<module>.freeze_bn``, uint8 ``(1,)``), so toggling it never retraces a
+    jitted step and checkpoints keep it.
     """
     for m in _bn_modules(model):
-        m.freeze_bn = True
+        m.freeze_bn_stats()
     return model
 
 
@@ -472,7 +473,7 @@ def update_bn_stats(model):
     ``torch.ao.nn.intrinsic.qat.update_bn_stats`` (ConvBn / ConvBnReLU only, as torch's).
     """
     for m in _bn_modules(model):
-        m.freeze_bn = False
+        m.update_bn_stats()
     return model
 
 
