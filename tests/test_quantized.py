@@ -438,7 +438,7 @@ def test_qat_convbnrelu_and_linear_convert(backend):
 # fbgemm with full 8-bit activations: jquant == exact formula, torch deviations counted
 # ----------------------------------------------------------------------------------------
 
-def _np_fbgemm_formula(acc, sx, sw, b, so, zo, axis):
+def _np_fbgemm_formula(acc, sx, sw, b, so, zo, axis, lo=0, hi=255):
     """§9.4 with torch's fused bias multiply-add, in numpy (long double for the FMA)."""
     shape = [1] * acc.ndim
     shape[axis] = -1
@@ -450,7 +450,7 @@ def _np_fbgemm_formula(acc, sx, sw, b, so, zo, axis):
     raw = (b.astype(ld) * inv.astype(ld) + acc.astype(F32).astype(ld)).astype(F32)
     mult = (m / F32(so)).astype(F32)
     y = np.rint((raw * mult).astype(F32)).astype(np.int64) + int(zo)
-    return np.clip(y, 0, 255)
+    return np.clip(y, lo, hi)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d-depthwise"])
@@ -551,6 +551,24 @@ def test_requant_rule_matches_engine_at_rounding_boundaries(eng):
         xcq = Q.QTensor(jnp.asarray(xi[None, :, None, :]), jnp.float32(sx), jnp.int32(0))
         gotc = np.asarray(Q.quantized_conv(xcq, pc, requant=conv_rule).q)[0, :, 0, 0]
         assert np.array_equal(gotc, npa(conv.int_repr())[0, 0, :, 0]), (trial, "conv")
+
+
+def test_int8_activations_follow_the_formula():
+    """qint8 activations (no torch kernel takes them on x86): the same formula, int8 range."""
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((9, 30)).astype(F32)
+    p = Q.pack_linear(w, rng.standard_normal(9).astype(F32), jq.default_per_channel_weight_observer,
+                      output_qparams=(0.05, -7))
+    xq = Q.quantize(rng.standard_normal((40, 30)).astype(F32) * 3, 0.03, 5, jnp.int8)
+    y = Q.quantized_linear(xq, p)
+    assert y.q.dtype == jnp.int8
+    acc = (np.asarray(xq.q).astype(np.int64) - 5) @ np.asarray(p.weight).astype(np.int64).T
+    ref = _np_fbgemm_formula(acc, np.asarray(xq.scale), np.asarray(p.weight_scale),
+                             np.asarray(p.bias), np.asarray(p.scale), np.asarray(p.zero_point), 1,
+                             -128, 127)
+    assert np.array_equal(np.asarray(y.q).astype(np.int64), ref)
+    yr = Q.quantized_linear(xq, p, relu=True)
+    assert np.array_equal(np.asarray(yr.q).astype(np.int64), np.maximum(ref, -7))
 
 
 def test_requant_rules_differ():
