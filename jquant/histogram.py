@@ -70,6 +70,15 @@ class HistogramState(NamedTuple):
 # Bit-level helpers (exact under XLA's denormal flushing)
 # ----------------------------------------------------------------------------------------
 
+def _zeros(shape, dtype, *refs):
+    """``zeros(shape, dtype)`` typed like ``refs`` (their shard_map "varying" axes), for
+    loop carries whose body mixes in ``refs``."""
+    z = jnp.zeros(shape, dtype)
+    for r in refs:
+        z = z + jnp.zeros_like(jnp.ravel(r)[0], dtype=dtype)
+    return z
+
+
 def _bits(x):
     return lax.bitcast_convert_type(nm.f32(x), I32)
 
@@ -130,13 +139,21 @@ def _mul(a, b):
 
 
 def _floor_divide(a, b):
-    """``torch.div(a, b, rounding_mode='floor')`` for float32 (fmod-based, REFERENCE §0.7)."""
-    mod = lax.rem(a, b)
-    div = _div(a - mod, b)
-    div = jnp.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
-    fl = jnp.floor(div)
-    fl = jnp.where(div - fl > 0.5, fl + 1, fl)
-    return jnp.where(div != 0, fl, jnp.where(_div(a, b) < 0, -0.0, 0.0).astype(a.dtype))
+    """``torch.div(a, b, rounding_mode='floor')`` for float32 ``a`` and a positive scalar ``b``.
+
+    torch's fmod-based algorithm (REFERENCE §0.7) returns the exact ``floor(a / b)``
+    wherever it is below 2**23 in magnitude (its ``+1`` correction undoes the rounding of
+    ``(a - fmod(a, b)) / b``); larger quotients differ by rounding only, and the callers
+    clamp them to ``[0, dst_nbins - 1]`` anyway. The exact floor is computed without
+    ``fmod`` (a slow libm call): a float64 estimate, corrected by the exact remainder.
+    """
+    with nm.enable_x64():
+        a64 = a.astype(jnp.float64)
+        b64 = jnp.asarray(b).astype(jnp.float64)
+        q = jnp.floor(a64 / b64)
+        rem = a64 - q * b64                 # exact: 24-bit by 24-bit products fit a double
+        q = q + (rem >= b64).astype(q.dtype) - (rem < 0).astype(q.dtype)
+        return q.astype(F32)
 
 
 def _round_fma(a, j, c):
@@ -188,7 +205,7 @@ def _searchsorted(a, v, right: bool):
         ok = (cand <= n) & ((val <= v) if right else (val < v))
         return jnp.where(ok, cand, pos)
 
-    return lax.fori_loop(0, nbits, step, jnp.zeros(jnp.shape(v), I32))
+    return lax.fori_loop(0, nbits, step, _zeros(jnp.shape(v), I32, a, v))
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,7 +292,7 @@ def _seq_cumsum(x):
             c = c + v
             return c, c.astype(F32)
         xs = jnp.moveaxis(nm.f32(x).astype(jnp.float64), -1, 0)
-        _, out = lax.scan(step, jnp.zeros(x.shape[:-1], jnp.float64), xs)
+        _, out = lax.scan(step, _zeros(x.shape[:-1], jnp.float64, x), xs)
     return jnp.moveaxis(out, 0, -1)
 
 
@@ -327,19 +344,39 @@ def _positions(v, lo, hi, bins: int, tiny=None):
     return lax.cond(tiny, scaled, plain, v, lo, hi)
 
 
-def _counts(x2d, valid, lo, hi, bins: int, axis_name):
+#: Elements binned per step of the counting loop (keeps the bin indices in cache).
+_COUNT_CHUNK = 1 << 18
+
+
+def _count_block(acc, xb, lo, hi, bins: int, tiny):
+    """Adds the finite elements of ``xb`` ``(C, n)`` into ``acc`` ``(C * (bins + 1),)``."""
+    c = xb.shape[0]
+    pos = _positions(xb, lo[:, None], hi[:, None], bins, tiny)
+    width = bins + 1
+    flat = jnp.where(jnp.isfinite(xb), pos, bins) + (jnp.arange(c, dtype=I32) * width)[:, None]
+    return acc.at[flat.reshape(-1)].add(1, mode="promise_in_bounds")
+
+
+def _counts(x2d, lo, hi, bins: int, axis_name):
     """Per-row histograms ``(C, bins)`` float32 of ``x2d`` ``(C, N)`` over ``[lo, hi]`` ``(C,)``.
 
-    ``valid`` marks the elements to count (all finite ones: the range always covers the
-    batch). Counts are exact int32, summed over ``axis_name``, then cast to float32.
+    Counts the finite elements (the range always covers the batch). Counts are exact
+    int32 (a chunked scatter-add), summed over ``axis_name``, then cast to float32.
     """
     c, n = x2d.shape
     tiny = jnp.any(_is_tiny(lo) & _is_tiny(hi))
-    pos = _positions(x2d, lo[:, None], hi[:, None], bins, tiny)
-    width = bins + 1
-    flat = jnp.where(valid, pos, bins) + (jnp.arange(c, dtype=I32) * width)[:, None]
-    counts = jnp.zeros((c * width,), I32).at[flat.reshape(-1)].add(
-        1, mode="promise_in_bounds").reshape(c, width)[:, :bins]
+    acc = _zeros((c * (bins + 1),), I32, x2d, lo, hi)
+    cols = max(1, _COUNT_CHUNK // c)
+    steps = n // cols if c * n > 2 * _COUNT_CHUNK else 0
+    if steps:
+        def body(i, acc):   # slices x2d in place (a reshaped prefix would be a copy)
+            xb = lax.dynamic_slice_in_dim(x2d, i * cols, cols, axis=1)
+            return _count_block(acc, xb, lo, hi, bins, tiny)
+
+        acc = lax.fori_loop(0, steps, body, acc)
+    if steps * cols < n:
+        acc = _count_block(acc, x2d[:, steps * cols:], lo, hi, bins, tiny)
+    counts = acc.reshape(c, bins + 1)[:, :bins]
     return collectives.all_sum(counts, axis_name).astype(F32)
 
 
@@ -365,7 +402,7 @@ def _upscale_exact(hist, omin, omax, umin, umax, bins: int, rate: int):
     def body(i, out):
         return out.at[b[i]].add(h[i // rate])
 
-    return lax.fori_loop(0, k, body, jnp.zeros((bins,), F32))
+    return lax.fori_loop(0, k, body, _zeros((bins,), F32, b, h))
 
 
 def _upscale_limit(hist, omin, omax, umin, umax, bins: int):
@@ -410,12 +447,17 @@ def _observe_rows(mn, mx, x2d, bins: int, axis_name):
     (a NaN first batch), ``uninit``, ``same`` (range unchanged), ``point`` (the old range
     is a single point).
     """
+    # one pass: NaN flag, min/max keys of the finite elements (exact for denormals)
     fin = jnp.isfinite(x2d)
-    any_nan = jnp.any(jnp.isnan(x2d), axis=1)
-    any_fin = jnp.any(fin, axis=1)
     k = _key(x2d)
-    kmin = jnp.min(jnp.where(fin, k, _INT32_MAX), axis=1)
-    kmax = jnp.max(jnp.where(fin, k, _INT32_MIN), axis=1)
+    kmin, kmax, nan_count = lax.reduce(
+        (jnp.where(fin, k, _INT32_MAX), jnp.where(fin, k, _INT32_MIN),
+         jnp.isnan(x2d).astype(I32)),
+        (_INT32_MAX, _INT32_MIN, np.int32(0)),
+        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1]), jnp.maximum(a[2], b[2])),
+        (1,))
+    any_nan = nan_count > 0
+    any_fin = kmin <= kmax
     if axis_name is not None:
         any_nan = collectives.all_max(any_nan.astype(I32), axis_name) > 0
         any_fin = collectives.all_max(any_fin.astype(I32), axis_name) > 0
@@ -436,7 +478,7 @@ def _observe_rows(mn, mx, x2d, bins: int, axis_name):
     point = ~uninit & ~same & _feq(mn, mx)
 
     lo, hi = _histc_range(new_min, new_max)
-    counts = _counts(x2d, fin, lo, hi, bins, axis_name)
+    counts = _counts(x2d, lo, hi, bins, axis_name)
     return counts, new_min, new_max, jnp.stack([active, nan_init, uninit, same, point])
 
 
@@ -540,12 +582,12 @@ def _search_bins(hist, mn, mx, bins: int, dst_nbins: int):
     """torch's ``_non_linear_param_search`` loop -> final ``(start_bin, end_bin)``.
 
     The greedy loop moves ``alpha`` up or ``beta`` down by 1e-5 per iteration (double
-    accumulation, compared in float32 against the float32 cumulative sum). Iterations
-    that move neither bin (``r == end``, the only ``continue``) are skipped in one jump:
-    with ``alpha`` fixed, the left bin stays put and the first ``beta`` step that moves
-    the right bin is found by binary search over the monotone ``f32(beta * total)``. The
-    loop condition ``alpha < beta`` is checked at the jump target, which is where torch
-    would check it, so the choices and the error evaluations are exactly torch's.
+    accumulation, compared in float32 against the cumulative sum). Iterations that move
+    neither bin (``r == end``, the only ``continue``) are skipped in one jump: with
+    ``alpha`` fixed, the left bin stays put and the first ``beta`` step that moves the
+    right bin is found by bisection over the monotone ``f32(beta * total)``. The loop
+    condition ``alpha < beta`` is checked at the jump target, where torch checks it, so
+    each iteration here is one of torch's error evaluations, with exactly its choices.
     """
     a_tab, b_tab = _alpha_beta_tables()
     total32 = _torch_sum(hist)
@@ -565,42 +607,40 @@ def _search_bins(hist, mn, mx, bins: int, dst_nbins: int):
         with nm.enable_x64():
             return ~done & (A[a] < B[b])
 
+    def count_le(t):   # torch's linear scans are counts: csum is non-decreasing
+        return jnp.sum(csum <= t, dtype=I32)
+
     def body(c):
         a, b, start, end, norm_min, done = c
-        l = jnp.clip(_searchsorted(csum, target(A, a + 1), right=False), start, end)
-        r = jnp.clip(_searchsorted(csum, target(B, b + 1), right=True) - 1, start, end)
+        l = jnp.clip(jnp.sum(csum < target(A, a + 1), dtype=I32), start, end)
+        r = jnp.clip(count_le(target(B, b + 1)) - 1, start, end)
         move_start = (l - start) > (end - r)
         idle = ~move_start & (r == end)
+        # An idle run (torch's `continue`: only beta moves, l stays at start) ends at the
+        # first b' > b whose step moves the right bin: f32(B[b'+1] * total) < csum[end].
+        ce = csum[end]
+        lo_, hi_ = b + 1, b * 0 + (_AB_LEN - 1)
+        for _ in range(int(_AB_LEN).bit_length()):     # unrolled scalar bisection
+            mid = (lo_ + hi_) // 2
+            ok = (end > start) & (target(B, mid + 1) < ce)
+            more = lo_ < hi_
+            lo_, hi_ = jnp.where(more & ~ok, mid + 1, lo_), jnp.where(more & ok, mid, hi_)
+        b = jnp.where(idle, lo_, b)
+        with nm.enable_x64():
+            alive = A[a] < B[b]            # torch's loop test, at the end of the idle run
+        r = jnp.where(idle, jnp.clip(count_le(target(B, b + 1)) - 1, start, end), r)
+        ns = jnp.where(move_start, l, start)
+        ne = jnp.where(move_start, end, r)
+        norm = _quantization_error(hist, bw, ns, ne, bins, dst_nbins)
+        brk = norm > norm_min
+        keep = brk | ~alive
+        return (a + (alive & move_start).astype(I32), b + (alive & ~move_start).astype(I32),
+                jnp.where(keep, start, ns), jnp.where(keep, end, ne),
+                jnp.where(keep, norm_min, norm), brk | ~alive)
 
-        def jump(c):
-            # smallest b' > b with f32(B[b'+1] * total) < csum[end] (needs end > start)
-            ce = csum[end]
-
-            def bs(_, lh):
-                lo_, hi_ = lh
-                mid = (lo_ + hi_) // 2
-                ok = (end > start) & (target(B, mid + 1) < ce)
-                more = lo_ < hi_
-                return (jnp.where(more & ~ok, mid + 1, lo_),
-                        jnp.where(more & ok, mid, hi_))
-
-            lo_, _ = lax.fori_loop(0, int(_AB_LEN).bit_length(), bs,
-                                   (b + 1, jnp.int32(_AB_LEN - 1)))
-            return a, lo_, start, end, norm_min, done
-
-        def move(c):
-            ns = jnp.where(move_start, l, start)
-            ne = jnp.where(move_start, end, r)
-            norm = _quantization_error(hist, bw, ns, ne, bins, dst_nbins)
-            brk = norm > norm_min
-            return (a + move_start.astype(I32), b + (~move_start).astype(I32),
-                    jnp.where(brk, start, ns), jnp.where(brk, end, ne),
-                    jnp.where(brk, norm_min, norm), brk)
-
-        return lax.cond(idle, jump, move, c)
-
-    init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(bins - 1),
-            jnp.float32(jnp.inf), jnp.bool_(False))
+    refs = (hist, mn, mx)
+    zero = _zeros((), I32, *refs)
+    init = (zero, zero, zero, zero + (bins - 1), _zeros((), F32, *refs) + jnp.inf, zero != 0)
     _, _, start, end, _, _ = lax.while_loop(cond, body, init)
     return start, end
 
