@@ -471,6 +471,9 @@ def test_fuse_errors_and_sequential():
         jqn.fuse_modules_qat(NNXFused(), [["b2", "r2"]])
     with pytest.raises(KeyError, match="nope"):
         jqn.fuse_modules_qat(NNXFused(), [["nope", "b2"]])
+    with pytest.warns(UserWarning, match="zero derivative"):  # the model's own relu call stays
+        f = jqn.fuse_modules_qat(NNXFused(), [["c2", "b2", "relu"]])
+    assert type(f.c2) is jqn.ConvBnReLU and callable(f.r2) and not isinstance(f.r2, nnx.Module)
     seq = nnx.Sequential(_conv(1, 2, (3, 3)), _bn(2), nnx.relu)
     fused = jqn.fuse_modules_qat(seq, ["layers.0", "layers.1", "layers.2"])
     assert [type(l).__name__ for l in fused.layers] == ["ConvBnReLU", "Identity", "Identity"]
@@ -696,7 +699,9 @@ def test_learnable_fake_quantize_trains_with_optax_and_checkpoints():
     np.testing.assert_array_equal(_forward(other, x), _forward(model, x))
 
 
-@pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32)])
+@pytest.mark.parametrize("dtype,param_dtype", [
+    (jnp.bfloat16, jnp.bfloat16),
+    pytest.param(jnp.float16, jnp.float32, marks=pytest.mark.slow)])
 def test_mixed_precision(dtype, param_dtype):
     class Mixed(nnx.Module):
         def __init__(self):

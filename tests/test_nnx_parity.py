@@ -153,6 +153,7 @@ def test_cnn_qat_20_steps_match_torch(backend):
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 
+@pytest.mark.slow
 def test_functional_relu_fusion_warns_and_stays_close():
     """Fusing a ReLU the model applies as a function (a path naming nothing): identical
     first forward; the model's own relu blocks the gradient of outputs that fake-quantize to
