@@ -86,6 +86,8 @@ Embedding differences from torch (documented and tested):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import re
@@ -110,7 +112,8 @@ __all__ = [
     "fuse_conv_bn_weights", "fuse_linear_bn_weights", "pack_linear", "pack_conv",
     "quantize", "dequantize", "quantized_linear", "quantized_conv", "x86_conv_requant",
     "pack_embedding", "unpack_embedding", "quantized_embedding", "quantized_embedding_bag",
-    "param_bytes",
+    "param_bytes", "BACKENDS", "requant_rule", "check_observed", "pack_layer",
+    "activation_flow", "emit", "emit_float", "leave_quantized", "take",
 ]
 
 REQUANT_RULES = ("fbgemm", "qnnpack", "onednn")
@@ -1123,3 +1126,150 @@ def param_bytes(tree) -> int:
         item = 0.5 if dtype_name(d) in ("uint4", "int4") else d.itemsize
         total += math.prod(leaf.shape) * item
     return int(math.ceil(total))
+
+
+# ----------------------------------------------------------------------------------------
+# front-end wiring: shared by jquant.linen.convert and jquant.nnx.convert
+# ----------------------------------------------------------------------------------------
+
+BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
+
+
+def requant_rule(backend: str, op: str, *, groups: int = 1, weight_symmetric: bool = True) -> str:
+    """The ``requant=`` rule of torch's quantized engine ``backend`` for ``op`` ("linear"/"conv").
+
+    ``"x86"``: Linear through fbgemm, Conv as :func:`x86_conv_requant` decides on this host;
+    ``"fbgemm"`` / ``"qnnpack"`` / ``"onednn"``: that kernel's rule for both.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "x86":
+        return x86_conv_requant(groups, weight_symmetric) if op == "conv" else "fbgemm"
+    return backend
+
+
+def _walk_fields(state, prefix=""):
+    if isinstance(state, tuple) and hasattr(type(state), "_fields"):
+        for name in state._fields:
+            yield from _walk_fields(getattr(state, name), f"{prefix}{name}.")
+    else:
+        yield prefix[:-1], state
+
+
+def check_observed(state, where: str) -> None:
+    """Raises ``ValueError`` when an observer in ``state`` never saw data (``min_val`` still +inf).
+
+    torch's ``convert`` silently uses ``scale=1, zero_point=0`` (with a warning) for such an
+    observer; jquant refuses, naming the module: calibrate (PTQ) or train (QAT) first.
+    """
+    if state is None:
+        return
+    for name, v in _walk_fields(state):
+        if name.split(".")[-1] != "min_val" or not nm.is_concrete(v):
+            continue
+        a = np.asarray(v)
+        if a.size and np.all(np.isposinf(a)):
+            raise ValueError(
+                f"{where}: the observer ({name}) has not seen any data; run calibration batches "
+                f"through the prepared model (Linen: apply(..., mutable=['quant_stats']); NNX: call "
+                f"it) or train it before convert")
+
+
+def pack_layer(kind: str, kernel, bias, weight_post_process, weight_state, output_qparams, *,
+               bn=None, observe: bool = True):
+    """A Flax Dense / Conv layer's converted parameters (``from_float`` of nnq.Linear / ConvNd).
+
+    ``kernel``: Flax layout (Dense ``(in, out)``, Conv ``(*spatial, in / groups, out)``).
+    ``bn``: ``(running_mean, running_var, eps, gamma, beta)`` of a fused BatchNorm, folded
+    first (:func:`fuse_linear_bn_weights` / :func:`fuse_conv_bn_weights`), as torch's
+    nniqat / nni ``from_float``. Returns :class:`PackedLinear` or :class:`PackedConv`.
+    """
+    layout = {"dense": "dense", "linear": "dense", "conv": "conv"}.get(kind)
+    if layout is None:
+        raise ValueError(f"kind={kind!r}: expected 'dense' or 'conv'")
+    w = kernel_to_torch(jnp.asarray(kernel, _F32), layout)
+    b = None if bias is None else jnp.asarray(bias, _F32)
+    if bn is not None:
+        rm, rv, eps, gamma, beta = bn
+        fold = fuse_linear_bn_weights if layout == "dense" else fuse_conv_bn_weights
+        w, b = fold(w, b, rm, rv, eps, gamma, beta)
+    pack = pack_linear if layout == "dense" else pack_conv
+    return pack(w, b, weight_post_process, weight_state, output_qparams=output_qparams,
+                observe=observe)
+
+
+class _Flow:
+    def __init__(self):
+        self.by_id = {}
+        self.last = None
+
+
+_FLOW: contextvars.ContextVar = contextvars.ContextVar("jquant_activation_flow", default=None)
+
+
+@contextlib.contextmanager
+def activation_flow():
+    """Scope of one converted-model call: records which qparams each quantized output carries.
+
+    Between converted modules, activations travel as their dequantized float32 values
+    (exactly ``(q - zero_point) * scale``), so the model's own code (reshape, relu, max
+    pooling, ...) runs on them unchanged; :func:`take` recovers the exact integers with
+    the qparams of the producing module (by identity of the array, else the most recent
+    quantized output in call order: the preceding observer). Nested scopes share one.
+    """
+    if _FLOW.get() is not None:
+        yield _FLOW.get()
+        return
+    token = _FLOW.set(_Flow())
+    try:
+        yield _FLOW.get()
+    finally:
+        _FLOW.reset(token)
+
+
+def emit(y: QTensor):
+    """A quantized module output as its float carrier (``dequantize(y)``), recorded in the flow."""
+    f = dequantize(y)
+    flow = _FLOW.get()
+    if flow is not None:
+        flow.by_id[id(f)] = (f, y.scale, y.zero_point, y.q.dtype)
+        flow.last = (y.scale, y.zero_point, y.q.dtype)
+    return f
+
+
+def emit_float(y, qparams, dtype=jnp.uint8):
+    """A float module output quantized with its observer's ``qparams`` (torch's quantized
+    output of a module kept float here), returned as its float carrier."""
+    return emit(quantize(y, *qparams, dtype))
+
+
+def leave_quantized() -> None:
+    """A DeQuantStub: later quantized modules get no preceding observer (until a QuantStub)."""
+    flow = _FLOW.get()
+    if flow is not None:
+        flow.last = None
+
+
+def take(x, *, reduce_range: bool = False) -> QTensor:
+    """The quantized input of a converted module.
+
+    ``x``: a :class:`QTensor` (used as is), a carrier from :func:`emit` (its qparams), any
+    other float array inside a quantized region (quantized with the qparams of the most
+    recent quantized output: the preceding observer), or a float array with no quantized
+    output before it: quantized dynamically with ``choose_qparams_per_tensor(x,
+    reduce_range)`` (torch's dynamic-quantization rule; torch's eager model would need a
+    QuantStub there).
+    """
+    if isinstance(x, QTensor):
+        return x
+    flow = _FLOW.get()
+    rec = None if flow is None else flow.by_id.get(id(x))
+    if rec is not None and rec[0] is x:
+        _, s, z, d = rec
+    elif flow is not None and flow.last is not None:
+        s, z, d = flow.last
+    else:
+        from jquant.qparams import choose_qparams_per_tensor
+        s, z = choose_qparams_per_tensor(jnp.asarray(x, _F32), reduce_range=reduce_range)
+        d = jnp.uint8
+    return quantize(jnp.asarray(x, _F32), s, z, d)
