@@ -260,21 +260,23 @@ def test_histogram_observer_save_load_state_dict():
         obs2.load_state_dict({"eps": np.ones(1), "min_val": np.zeros(()), "max_val": np.ones(())})
 
 
-@pytest.mark.parametrize("qdtype,qscheme", [(jq.qint8, jq.per_tensor_affine),
-                                            (jq.quint8, jq.per_tensor_symmetric)])
-def test_histogram_observer_scriptable_is_exportable(qdtype, qscheme):
+@pytest.mark.parametrize("make", [
+    lambda: jq.HistogramObserver(dtype=jq.qint8, qscheme=jq.per_tensor_affine),
+    lambda: jq.HistogramObserver(dtype=jq.quint8, qscheme=jq.per_tensor_symmetric, bins=256),
+    jq.default_histogram_observer])
+def test_histogram_observer_scriptable_is_exportable(make):
     """torch's test_observer_scriptable: here the counterpart is a jax.export round trip."""
     from jax import export
-    for obs in (jq.HistogramObserver(dtype=qdtype, qscheme=qscheme), jq.default_histogram_observer()):
-        x = jnp.asarray(np.random.default_rng(4).random((3, 4)), jnp.float32)
-        state = obs.init()
-        exp_upd = export.deserialize(export.export(jax.jit(obs.update))(state, x).serialize())
-        got = exp_upd.call(state, x)
-        want = obs.update(state, x)
-        np.testing.assert_array_equal(np.asarray(got.histogram), np.asarray(want.histogram))
-        exp_q = export.deserialize(export.export(jax.jit(obs.calculate_qparams))(want).serialize())
-        for g, w in zip(exp_q.call(want), obs.calculate_qparams(want)):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    obs = make()
+    x = jnp.asarray(np.random.default_rng(4).random((3, 4)), jnp.float32)
+    state = obs.init()
+    exp_upd = export.deserialize(export.export(jax.jit(obs.update))(state, x).serialize())
+    got = exp_upd.call(state, x)
+    want = obs.update(state, x)
+    np.testing.assert_array_equal(np.asarray(got.histogram), np.asarray(want.histogram))
+    exp_q = export.deserialize(export.export(jax.jit(obs.calculate_qparams))(want).serialize())
+    for g, w in zip(exp_q.call(want), obs.calculate_qparams(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_zero_numel_leaves_state():
@@ -482,10 +484,9 @@ def test_per_channel_equals_per_tensor_on_each_channel(ch_axis, qscheme, dtype):
     sl[ch_axis] = 2
     xs[2][tuple(sl)] = 1.5                              # a constant channel (single point)
     state = pc.init(xs[0])
-    upd = jax.jit(pc.update)
     for x in xs:
-        state = upd(state, x)
-    scale, zp = jax.jit(pc.calculate_qparams)(state)
+        state = pc.update(state, x)
+    scale, zp = pc.calculate_qparams(state)
     assert scale.shape == (c,) and zp.shape == (c,)
     for ch in range(c):
         st = pt.init()

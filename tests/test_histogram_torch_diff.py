@@ -192,8 +192,8 @@ def run_sequence(obs, tobs, rng, kinds, n):
     return state
 
 
-@settings(max_examples=40)
-@given(bins=st.sampled_from([3, 7, 100, 2048]), n=st.sampled_from([1, 7, 64]),
+@settings(max_examples=30)
+@given(bins=st.sampled_from([3, 100, 2048]), n=st.sampled_from([1, 64]),
        kinds=st.lists(st.sampled_from(_KINDS), min_size=1, max_size=8),
        dtype=st.sampled_from(["qint8", "quint8"]), qscheme=st.sampled_from(["affine", "symmetric"]),
        reduce_range=st.booleans(), seed=st.integers(0, 2 ** 16))
