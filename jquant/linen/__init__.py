@@ -21,7 +21,7 @@ from jquant.linen.state import (BoundObserver, enable_param_learning, enable_sta
                                 enable_static_observation, freeze_bn_stats, get_observer_dict,
                                 get_observer_state_dict, load_observer_state_dict,
                                 update_bn_stats)
-from jquant.linen.convert import convert
+from jquant.linen.convert import convert, parameter_bytes
 
 __all__ = [
     "QuantStub", "DeQuantStub", "QuantWrapper", "Dense", "Linear", "Conv", "Embed",
@@ -29,4 +29,5 @@ __all__ = [
     "unmatched_spec_entries", "get_observer_dict", "get_observer_state_dict",
     "load_observer_state_dict", "freeze_bn_stats", "update_bn_stats", "BoundObserver",
     "enable_param_learning", "enable_static_estimate", "enable_static_observation",
+    "parameter_bytes",
 ]

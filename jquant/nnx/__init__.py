@@ -29,6 +29,7 @@ from jquant.nnx._state import PostProcess, QuantParam, QuantStat
 from jquant.nnx.modules import (ConvBn, ConvBnReLU, ConvReLU, DeQuantStub, EmbeddingBag, Identity,
                                 LinearBn, LinearReLU, QuantStub, QuantWrapper)
 from jquant.nnx import qat
+from jquant.nnx.convert import parameter_bytes
 from jquant.nnx.qat import Conv, Dense, Embed, Linear
 from jquant.nnx.quantize import (convert, enable_param_learning, enable_static_estimate,
                                  enable_static_observation, freeze_bn_stats, fuse_modules, fuse_modules_qat,
@@ -44,5 +45,5 @@ __all__ = [
     "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
     "load_observer_state_dict", "propagate_qconfig", "enable_param_learning",
     "enable_static_estimate", "enable_static_observation",
-    "PostProcess", "QuantStat", "QuantParam",
+    "PostProcess", "QuantStat", "QuantParam", "parameter_bytes",
 ]

@@ -23,6 +23,7 @@ from jquant import layers as _L
 from jquant._state_dict import StateDictError, sub_dict
 from jquant.nnx import modules as M
 from jquant.nnx._state import PostProcess
+from jquant.nnx.convert import convert  # noqa: F401  (issue [4]; re-exported)
 
 __all__ = ["prepare", "prepare_qat", "convert", "fuse_modules_qat", "fuse_modules", "freeze_bn_stats",
            "update_bn_stats", "get_observer_dict", "get_observer_state_dict",
@@ -287,16 +288,6 @@ def propagate_qconfig(model, qconfig_spec=None) -> dict:
     out[""] = root_qc
     walk(model, (), root_qc)
     return out
-
-
-def convert(model, *args, **kwargs):
-    """Real integer inference modules from a prepared model; ``torch.ao.quantization.convert``.
-
-    Not implemented yet (issue [4]): it will swap the QAT / observed layers for modules
-    storing int8 (uint4-packed for 4-bit embeddings) weights with their qparams.
-    """
-    raise NotImplementedError("jquant.nnx.convert is not implemented yet (issue [4]); "
-                              "prepare / prepare_qat and QAT training work")
 
 
 # ---------------------------------------------------------------------------------------
