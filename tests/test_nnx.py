@@ -68,7 +68,13 @@ def _params(model):
 
 
 def _t(a):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+    return torch.from_numpy(np.array(a, np.float32))
+
+
+def _tree_equal(a, b, msg=""):
+    assert jax.tree.structure(a) == jax.tree.structure(b), msg
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=msg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,8 +285,8 @@ def test_nnx_jit_training_flags_and_state_structure():
     app = model.fc.activation_post_process
     before = app.state
     jq.disable_observer(model)  # in place on an NNX module, no retrace (flags are arrays)
-    assert int(app.observer_enabled[...][0]) == 0
-    assert int(model.conv.weight_fake_quant.observer_enabled[...][0]) == 0
+    assert int(app.state.observer_enabled[0]) == 0
+    assert int(model.conv.weight_fake_quant.state.observer_enabled[0]) == 0
     _step(model, optimizer, x, y)
     assert len(TRACES) <= 1  # toggling flags never retraces
     np.testing.assert_array_equal(app.state.scale, before.scale)
@@ -326,8 +332,8 @@ def test_flags_on_nnx_state_and_freeze_bn():
     state = nnx.state(model)
     off = jq.disable_fake_quant(state)  # an nnx.State: a new State, the model is untouched
     flat = dict(nnx.to_flat_state(off))
-    assert int(flat[("fc", "weight_fake_quant", "fake_quant_enabled")].get_value()[0]) == 0
-    assert int(model.fc.weight_fake_quant.fake_quant_enabled[...][0]) == 1
+    assert int(flat[("fc", "weight_fake_quant", "buffers")].get_value().fake_quant_enabled[0]) == 0
+    assert int(model.fc.weight_fake_quant.state.fake_quant_enabled[0]) == 1
     x, _ = _small_data()
     _forward(model, x)
     mean = np.asarray(model.conv.bn.mean[...])
@@ -524,8 +530,8 @@ def test_embedding_bag_qat_config(qconfig_name):
     out = _forward(qmodel, jnp.asarray(indices))
     tout = tmodel(torch.from_numpy(indices)).detach().numpy()
     assert _rel(out, tout) <= 1e-6
-    assert qmodel.emb1.weight_fake_quant.zero_point[...].dtype == jnp.float32
-    assert qmodel.emb2.weight_fake_quant.zero_point[...].dtype == jnp.float32
+    assert qmodel.emb1.weight_fake_quant.state.zero_point.dtype == jnp.float32
+    assert qmodel.emb2.weight_fake_quant.state.zero_point.dtype == jnp.float32
     assert type(qmodel.emb1.activation_post_process.config) is jq.NoopObserver
     t_sd = {k: v.numpy() for k, v in tmodel.state_dict().items() if "fake_quant" in k}
     for k, v in jqn.get_observer_state_dict(qmodel).items():
@@ -579,7 +585,7 @@ def test_embedding_qat_config():
     assert sum(k.endswith("activation_post_process") for k in obs) == 3  # emb, quant, linear
     assert type(qmodel.emb) is jqn.Embed
     assert type(qmodel.emb.weight_fake_quant.config) is jq.FakeQuantize
-    assert qmodel.emb.weight_fake_quant.zero_point[...].dtype == jnp.float32
+    assert qmodel.emb.weight_fake_quant.state.zero_point.dtype == jnp.float32
     assert type(qmodel.emb.activation_post_process.config) is jq.NoopObserver
     assert type(qmodel.linear.weight_fake_quant.config) is jq.FusedMovingAvgObsFakeQuantize
     assert type(qmodel.linear.activation_post_process.config) is jq.FusedMovingAvgObsFakeQuantize
@@ -630,7 +636,7 @@ def test_embed_qat_4bit_trains_and_attends():
     table = q.embedding[...]
     y = _forward(q, jnp.asarray([[0, 5], [2, 2]]))
     wfq = q.weight_fake_quant
-    scale, zp = np.asarray(wfq.scale[...]), np.asarray(wfq.zero_point[...])
+    scale, zp = np.asarray(wfq.state.scale), np.asarray(wfq.state.zero_point)
     ref = jq.fake_quantize_per_channel_affine(table, scale, zp, 0, 0, 15)
     np.testing.assert_array_equal(y, ref[jnp.asarray([[0, 5], [2, 2]])])
     assert len(np.unique(np.asarray(ref[0]))) <= 16
@@ -678,7 +684,7 @@ def test_learnable_fake_quantize_trains_with_optax_and_checkpoints():
     _forward(model, x)  # static estimate: qparams from the observers
     s0 = np.asarray(scale[...]).copy()
     jqn.enable_param_learning(model)
-    assert int(model.fc2.weight_fake_quant.learning_enabled[...][0]) == 1
+    assert int(model.fc2.weight_fake_quant.state.learning_enabled[0]) == 1
     optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
     for _ in range(3):
         _mlp_step(model, optimizer, x, y)
@@ -721,9 +727,9 @@ def test_mixed_precision(dtype, param_dtype):
     out = _forward(model, x)
     assert out.dtype == dtype
     for pp in jqn.get_observer_dict(model).values():
-        assert pp.scale[...].dtype == jnp.float32  # observers compute in float32
+        assert pp.state.scale.dtype == jnp.float32  # observers compute in float32
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert float(model.fc.activation_post_process.scale[...][0]) != 1.0
+    assert float(model.fc.activation_post_process.state.scale[0]) != 1.0
     optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
     y = jnp.asarray(RNG.integers(0, 3, 4).astype(np.int32))
     assert np.isfinite(float(_mlp_step(model, optimizer, x, y)))
@@ -780,7 +786,7 @@ def test_save_load_observer_state_dict(obs):
     s2 = dict(nnx.to_flat_state(nnx.state(m2, jqn.QuantStat)))
     assert s1.keys() == s2.keys()
     for k in s1:
-        np.testing.assert_array_equal(s1[k].get_value(), s2[k].get_value(), err_msg=str(k))
+        _tree_equal(s1[k].get_value(), s2[k].get_value(), str(k))
     bad = dict(obs_dict)
     bad.pop("module.activation_post_process.min_val")
     with pytest.raises(jq.StateDictError, match="missing"):
@@ -818,7 +824,7 @@ def test_checkpoint_resume_is_bit_identical():
     b = dict(nnx.to_flat_state(nnx.state(model2)))
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_array_equal(a[k].get_value(), b[k].get_value(), err_msg=str(k))
+        _tree_equal(a[k].get_value(), b[k].get_value(), str(k))
 
 
 class LinearReLUModel(nnx.Module):

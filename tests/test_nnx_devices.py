@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(r'''
     nnx.update(model, jax.device_put(nnx.state(model), dev))
     q = jqn.prepare_qat(model, qconfig, fuse=[("conv", "bn", "act")])
     q.train()
-    devices = {d for _, v in nnx.to_flat_state(nnx.state(q)) for d in v.get_value().devices()}
+    devices = {d for leaf in jax.tree.leaves(nnx.state(q)) for d in leaf.devices()}
     assert devices == {dev}, devices
     opt = nnx.Optimizer(q, optax.sgd(0.01), wrt=nnx.Param)
 
@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(r'''
     x = jax.device_put(jnp.asarray(rng.standard_normal((4, 4, 4, 1)).astype(np.float32)), dev)
     y = jax.device_put(jnp.arange(4) % 3, dev)
     step(q, opt, x, y)
-    devices = {d for _, v in nnx.to_flat_state(nnx.state(q)) for d in v.get_value().devices()}
+    devices = {d for leaf in jax.tree.leaves(nnx.state(q)) for d in leaf.devices()}
     assert devices == {dev}, devices
     print("device affinity ok")
 

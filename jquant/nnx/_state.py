@@ -2,36 +2,35 @@
 
 A core observer or fake-quantize config (frozen, hashable) keeps its state in a NamedTuple
 whose field names are torch's buffer names. :class:`PostProcess` is the NNX module that
-owns such a state: every array field becomes an :class:`QuantStat` Variable (the learnable
-fake quant's ``scale`` / ``zero_point`` become :class:`QuantParam`, an ``nnx.Param``, so
-optax trains them), and a nested state (``activation_post_process``) becomes a child
-module. Paths in ``nnx.state(model)`` are therefore torch's state-dict keys, e.g.
-``fc.weight_fake_quant.activation_post_process.min_val``.
+owns such a state: the NamedTuple lives in one :class:`QuantStat` Variable named
+``buffers`` (the learnable fake quant's ``scale`` / ``zero_point`` live beside it as
+:class:`QuantParam`, an ``nnx.Param``, so optax trains them). One Variable per observer
+keeps the NNX graph small: ``nnx.jit``'s per-call host cost grows with the number of
+graph nodes. :func:`jquant.nnx.get_observer_state_dict` gives the torch-keyed view
+(``fc.weight_fake_quant.activation_post_process.min_val`` ...).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jquant import collectives
 from jquant import flags as _flags
 from jquant import layers as _L
 from jquant._state_dict import StateDictError
-from jquant.fake_quantize import FakeQuantizeBase, LearnableFakeQuantize
+from jquant.fake_quantize import FakeQuantizeBase
 from jquant.observers import ObserverBase
 
 __all__ = ["QuantStat", "QuantParam", "PostProcess", "is_namedtuple"]
 
 
 class QuantStat(nnx.Variable):
-    """An observer / fake-quantize buffer (torch: ``min_val``, ``scale``, ``observer_enabled`` ...).
+    """Observer / fake-quantize buffers (torch: ``min_val``, ``scale``, ``observer_enabled`` ...).
 
-    Not a ``Param``: optimizers built with ``wrt=nnx.Param`` leave it alone; it changes as
-    the model runs (like ``nnx.BatchStat``), also inside ``nnx.jit``.
+    Holds a core state NamedTuple (or a small flag array). Not a ``Param``: optimizers
+    built with ``wrt=nnx.Param`` leave it alone; it changes as the model runs (like
+    ``nnx.BatchStat``), also inside ``nnx.jit``.
     """
 
 
@@ -39,7 +38,7 @@ class QuantParam(nnx.Param):
     """A trainable quantization parameter (LearnableFakeQuantize's ``scale`` / ``zero_point``).
 
     An ``nnx.Param`` subclass, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` updates it;
-    filter on ``QuantParam`` to give it its own optax transform.
+    filter on ``QuantParam`` to give it its own optax transform. float32 ``(1,)`` or ``(C,)``.
     """
 
 
@@ -47,57 +46,17 @@ def is_namedtuple(v) -> bool:
     return isinstance(v, tuple) and hasattr(type(v), "_fields")
 
 
-_RESERVED = set(dir(nnx.Module)) | {"config", "axis_name", "state", "state_type", "set_state"}
-
-
-class _StateNode(nnx.Module):
-    """Holds one NamedTuple state: a Variable per array field, a child per nested NamedTuple."""
-
-    def __init__(self, state, param_fields=()):
-        self._set_state_tree(state, param_fields)
-
-    def _set_state_tree(self, state, param_fields=()):
-        if not is_namedtuple(state):
-            raise TypeError(f"state must be a NamedTuple, got {type(state).__name__}")
-        self.state_type = type(state)
-        for name, value in state._asdict().items():
-            if name in _RESERVED or name.startswith("_"):
-                raise ValueError(f"state field name {name!r} clashes with an nnx.Module attribute")
-            if is_namedtuple(value):
-                setattr(self, name, _StateNode(value))
-            elif name in param_fields:
-                setattr(self, name, QuantParam(jnp.asarray(value)))
-            else:
-                setattr(self, name, QuantStat(jnp.asarray(value)))
-
-    def _get_state(self):
-        kwargs = {}
-        for name in self.state_type._fields:
-            v = getattr(self, name)
-            kwargs[name] = v._get_state() if isinstance(v, _StateNode) else v.get_value()
-        return self.state_type(**kwargs)
-
-    def _put_state(self, state):
-        for name in self.state_type._fields:
-            v = getattr(self, name)
-            new = getattr(state, name)
-            if isinstance(v, _StateNode):
-                v._put_state(new)
-            else:
-                v.set_value(new)
-
-
-class PostProcess(_StateNode):
-    """An observer or fake-quantize module with its state in NNX Variables.
+class PostProcess(nnx.Module):
+    """An observer or fake-quantize module with its state in an NNX Variable.
 
     Counterpart of the ``activation_post_process`` / ``weight_fake_quant`` children that
     torch's ``prepare`` / ``prepare_qat`` attach. ``config`` is the core config (e.g.
     ``jquant.FusedMovingAvgObsFakeQuantize(...)``, ``jquant.MinMaxObserver()``); its state
-    fields live in this module as :class:`QuantStat` (or :class:`QuantParam`) Variables
-    named like torch's buffers. ``pp(x)`` runs the config's ``apply`` (observe and/or
-    fake-quantize), stores the new state in place and returns the output with the input's
-    dtype and shape (observers compute in float32). ``axis_name`` reduces statistics over
-    a mapped axis (``shard_map`` / ``pmap``).
+    NamedTuple (torch's buffer names) is the :class:`QuantStat` ``buffers`` (learnable
+    configs: plus :class:`QuantParam` ``scale`` and ``zero_point``). ``pp(x)`` runs the
+    config's ``apply`` (observe and/or fake-quantize), stores the new state in place and
+    returns the output with the input's dtype and shape (observers compute in float32).
+    ``axis_name`` reduces statistics over a mapped axis (``shard_map`` / ``pmap``).
     """
 
     def __init__(self, config, state=None, *, example=None, axis_name=None, like=None):
@@ -105,12 +64,31 @@ class PostProcess(_StateNode):
             raise ValueError(f"config must be an observer or fake-quantize config, got {config!r}")
         if state is None:
             state = config.init(example)
+        if not is_namedtuple(state):
+            raise ValueError(f"state must be the config's NamedTuple state, got {type(state).__name__}")
         # device affinity: the state lives where the module's (committed) params do
         state = collectives.place_like(state, like)
-        param_fields = ("scale", "zero_point") if isinstance(config, LearnableFakeQuantize) else ()
         self.config = config
         self.axis_name = axis_name
-        self._set_state_tree(state, param_fields)
+        self.learnable = _L.is_learnable(config)
+        if self.learnable:
+            self.scale = QuantParam(jnp.asarray(state.scale))
+            self.zero_point = QuantParam(jnp.asarray(state.zero_point))
+            state = state._replace(scale=None, zero_point=None)
+        self.buffers = QuantStat(state)
+
+    def _get_state(self):
+        state = self.buffers.get_value()
+        if self.learnable:
+            state = state._replace(scale=self.scale.get_value(), zero_point=self.zero_point.get_value())
+        return state
+
+    def _put_state(self, state):
+        if self.learnable:
+            self.scale.set_value(state.scale)
+            self.zero_point.set_value(state.zero_point)
+            state = state._replace(scale=None, zero_point=None)
+        self.buffers.set_value(state)
 
     # -- state access -------------------------------------------------------------------
     @property
@@ -193,22 +171,20 @@ def _iter_stats(node):
 
 
 def _set_module_flags(module, values: dict):
-    """Sets flags in place (Variables named like the flags) and returns the module."""
-    for path, var in _iter_stats(module):
-        name = path[-1]
-        if name in values:
-            old = var.get_value()
-            var.set_value(jnp.full(jnp.shape(old), values[name], dtype=jnp.asarray(old).dtype))
+    """Sets the flags inside every QuantStat in place and returns the module."""
+    for _, var in _iter_stats(module):
+        old = var.get_value()
+        if is_namedtuple(old):
+            var.set_value(_flags.set_flags(old, values))
     return module
 
 
 def _set_state_flags(state, values: dict):
-    """Returns a copy of an ``nnx.State`` with the named flag Variables set."""
+    """Returns a copy of an ``nnx.State`` with the flags inside its QuantStats set."""
     flat = []
     for path, var in nnx.to_flat_state(state):
-        if path and path[-1] in values and isinstance(var, QuantStat):
-            old = var.get_value()
-            var = var.replace(jnp.full(jnp.shape(old), values[path[-1]], dtype=jnp.asarray(old).dtype))
+        if isinstance(var, QuantStat) and is_namedtuple(var.get_value()):
+            var = var.replace(_flags.set_flags(var.get_value(), values))
         flat.append((path, var))
     return nnx.from_flat_state(flat)
 
@@ -216,6 +192,3 @@ def _set_state_flags(state, values: dict):
 _flags.register_flag_handler(nnx.Module, _set_module_flags)
 _flags.register_flag_handler(nnx.State, _set_state_flags)
 
-
-def as_numpy_tree(tree: Any):
-    return jax.tree.map(np.asarray, tree)
