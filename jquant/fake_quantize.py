@@ -356,22 +356,33 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         return {"fake_quant_enabled": np.int64, "observer_enabled": np.int64}
 
     def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
+        return self._apply_along(state, x, self.ch_axis, axis_name=axis_name)
+
+    def _apply_along(self, state: FakeQuantizeState, x, ch_axis: int, *, axis_name=None):
+        """``apply`` with the channels of a per-channel config along ``ch_axis`` of ``x``.
+
+        Internal, for the Flax front ends: a kernel whose output channels are last is
+        quantized in place, as torch quantizes the same weight with them first (no
+        transposes). ``apply`` is ``_apply_along(state, x, self.ch_axis)``.
+        """
         _check_fq_state(type(self).__name__, state, FakeQuantizeState)
         app = self.activation_post_process
         x = jnp.asarray(x)
         app_state = state.activation_post_process
         app._check_state(app_state, "apply")
+        if self.is_per_channel:
+            ch_axis = int(ch_axis) % max(x.ndim, 1)
         if self.is_per_channel and app_state.min_val.shape == (0,):
-            app_state = app.init(x)._replace(eps=app_state.eps)
-        if self.is_per_channel and x.size and app_state.min_val.shape != (x.shape[0],):
-            raise ValueError(f"{type(self).__name__}: input has {x.shape[0]} channels along "
-                             f"ch_axis=0 but the state has {app_state.min_val.shape[0]}")
+            app_state = app.init(num_channels=x.shape[ch_axis])._replace(eps=app_state.eps)
+        if self.is_per_channel and x.size and app_state.min_val.shape != (x.shape[ch_axis],):
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[ch_axis]} channels along "
+                             f"ch_axis={ch_axis} but the state has {app_state.min_val.shape[0]}")
         y, rmin, rmax, scale, zp = fused_moving_avg_obs_fake_quant(
             x, _read_flag(state.observer_enabled), _read_flag(state.fake_quant_enabled),
             app_state.min_val, app_state.max_val, state.scale, state.zero_point,
             app.averaging_constant, self.quant_min, self.quant_max,
-            self.ch_axis if self.is_per_channel else -1, self.is_per_channel,
-            self.is_symmetric_quant, axis_name=axis_name)
+            ch_axis if self.is_per_channel else -1, self.is_per_channel,
+            self.is_symmetric_quant, axis_name=axis_name, _any_axis=True)
         new_app = app_state._replace(min_val=rmin, max_val=rmax)
         return y, state._replace(scale=scale, zero_point=zp.astype(jnp.int32),
                                  activation_post_process=new_app)

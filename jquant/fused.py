@@ -42,7 +42,8 @@ def _select(pred, a, b):
 def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, running_max,
                                     scale, zero_point, averaging_const: float, quant_min: int,
                                     quant_max: int, ch_axis: int, per_row_fake_quant: bool = False,
-                                    symmetric_quant: bool = False, *, axis_name=None):
+                                    symmetric_quant: bool = False, *, axis_name=None,
+                                    _any_axis: bool = False):
     """Observe (moving-average min/max) then fake-quantize in one call.
 
     Counterpart of ``torch.fused_moving_avg_obs_fake_quant`` (CPU semantics):
@@ -66,6 +67,9 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
       averaging_const, quant_min, quant_max: static Python numbers.
       ch_axis: must be 0 when ``per_row_fake_quant`` (as in torch).
       axis_name: optional mesh axis name(s); batch min/max are reduced across it first.
+      _any_axis: internal (the Flax front ends, whose kernels keep the output channel
+        last): accept any ``ch_axis`` for per-row quantization; rows are the slices along
+        it, so the result equals torch's on the array with that axis moved first.
     Returns:
       ``(y, running_min, running_max, scale, zero_point)``. The gradient of ``y`` is
       ``g * mask`` when fake quantization is on and ``g`` otherwise.
@@ -85,18 +89,18 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
     fq_on = flag_is_on(fake_quant_on)
     xs = jax.lax.stop_gradient(nm.f32(x))
     if per_row_fake_quant:
-        if ch_axis != 0:
+        if ch_axis != 0 and not _any_axis:
             raise ValueError(f"ch_axis={ch_axis}: per-channel fused fake quant is only "
                              f"supported on axis 0 (as in torch)")
-        c = x.shape[0]
-        rows = xs.reshape(c, -1)
+        ch_axis = int(ch_axis) % x.ndim
+        c = x.shape[ch_axis]
         if running_min.size == 0:
             running_min = jnp.full((c,), jnp.inf, jnp.float32)
             running_max = jnp.full((c,), -jnp.inf, jnp.float32)
             scale = jnp.broadcast_to(scale.reshape(-1)[:1], (c,)) if scale.size else jnp.ones((c,), jnp.float32)
             zero_point = (jnp.broadcast_to(zero_point.reshape(-1)[:1], (c,)) if zero_point.size
                           else jnp.zeros((c,), jnp.int32))
-        bmin, bmax = nm.aminmax(rows, axis=1)
+        bmin, bmax = nm.aminmax(xs, axis=tuple(i for i in range(x.ndim) if i != ch_axis))
     else:
         bmin, bmax = nm.aminmax(xs)
     if obs_on is not False:
@@ -115,7 +119,8 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
     new_zp = new_zp.astype(zero_point.dtype).reshape(zero_point.shape) if not per_row_fake_quant \
         else new_zp.astype(zero_point.dtype)
     if per_row_fake_quant:
-        y = fake_quantize_per_channel_affine(x, new_scale, new_zp.astype(jnp.int32), 0, qmin, qmax)
+        y = fake_quantize_per_channel_affine(x, new_scale, new_zp.astype(jnp.int32), ch_axis, qmin,
+                                             qmax)
     else:
         y = fake_quantize_per_tensor_affine(x, new_scale, new_zp, qmin, qmax)
     if fq_on is True:
