@@ -30,7 +30,8 @@ import numpy as np
 
 from jquant import _numerics as nm
 from jquant import collectives
-from jquant.fake_quantize import FakeQuantizeBase, LearnableFakeQuantize
+from jquant.fake_quantize import (FakeQuantizeBase, FusedMovingAvgObsFakeQuantize,
+                                  LearnableFakeQuantize)
 from jquant.flags import disable_observer
 from jquant.observers import EmptyState, ObserverBase
 from jquant.qconfig import QConfig
@@ -254,6 +255,28 @@ def weight_init(cfg, kernel, layout: str):
     return cfg.init(jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
+def _native_axis(cfg, layout: str, ndim: int):
+    """The kernel axis holding torch's ``ch_axis`` of a per-channel config (``None``: not per-channel)."""
+    if not _needs_layout(cfg):
+        return None
+    perm = torch_weight_perm(layout, ndim)
+    ch = int(getattr(cfg, "ch_axis", 0))
+    ch = ch % ndim
+    return ch if perm is None else perm[ch]
+
+
+def _along(cfg, axis: int):
+    """``cfg`` with its channels along ``axis`` (observer / fake-quant configs), or ``None``."""
+    if isinstance(cfg, FusedMovingAvgObsFakeQuantize):
+        return None  # uses _apply_along
+    if axis == cfg.ch_axis:
+        return cfg
+    try:
+        return cfg.replace(ch_axis=axis)
+    except (TypeError, ValueError):
+        return None
+
+
 def weight_apply(cfg, state, kernel, layout: str, *, update: bool = True, axis_name=None):
     """Runs the weight post-process ``cfg`` on a Flax ``kernel`` as torch runs it on its weight.
 
@@ -261,18 +284,35 @@ def weight_apply(cfg, state, kernel, layout: str, *, update: bool = True, axis_n
     (the fake-quantized kernel, or the kernel itself for an observer). With
     ``update=False`` (evaluation with frozen state) the observer is not run and the stored
     qparams are used; the state comes back unchanged.
+
+    Per-channel configs quantize the kernel in place along the axis that holds torch's
+    ``ch_axis`` (the output channels, last in Flax): the same numbers as on torch's
+    transposed weight, without transposes (which XLA would otherwise fuse, strided, into
+    every consumer of the weight gradient).
     """
     if cfg is None:
         return kernel, state
-    perm = torch_weight_perm(layout, kernel.ndim) if _needs_layout(cfg) else None
-    w = kernel if perm is None else jnp.transpose(kernel, perm)
-    out, new_state = _run(cfg, state, w, update, axis_name)
+    axis = _native_axis(cfg, layout, kernel.ndim)
+    if axis is None:
+        out, new_state = _run(cfg, state, kernel, update, axis_name)
+    elif isinstance(cfg, FusedMovingAvgObsFakeQuantize):
+        if update:
+            out, new_state = cfg._apply_along(state, kernel, axis, axis_name=axis_name)
+        else:
+            out, new_state = cfg._apply_along(disable_observer(state), kernel, axis)[0], state
+    else:
+        native = _along(cfg, axis)
+        if native is not None:
+            out, new_state = _run(native, state, kernel, update, axis_name)
+        else:  # unknown config kind: run it on torch's layout
+            perm = torch_weight_perm(layout, kernel.ndim)
+            w = kernel if perm is None else jnp.transpose(kernel, perm)
+            out, new_state = _run(cfg, state, w, update, axis_name)
+            if not isinstance(cfg, ObserverBase) and perm is not None:
+                out = jnp.transpose(out, _inverse(perm))
     if isinstance(cfg, ObserverBase):
         return kernel, new_state
-    out = out.astype(kernel.dtype)
-    if perm is not None:
-        out = jnp.transpose(out, _inverse(perm))
-    return out, new_state
+    return out.astype(kernel.dtype), new_state
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,13 +13,19 @@ conv+relu / dense+relu fused as torch's ``fuse_modules_qat`` does) of
 * torch eager: ``fuse_modules_qat`` + ``prepare_qat`` on the twin module.
 
 Rows report median step times; the note gives QAT/float ratios (targets: jquant <= 1.10
-on the larger model, <= 1.3 on the digits CNN). The NNX front end may append its rows.
+on the larger model, <= 1.3 on the digits CNN), each the median over rounds in which the
+float and QAT steps run back to back (robust to load on a shared machine). Jitted steps
+donate their state buffers, as training loops do. The NNX front end may append its rows.
 """
 from __future__ import annotations
 
+import functools
+import statistics
+import time
+
 import numpy as np
 
-from jquant._bench import Context, Row, timeit
+from jquant._bench import Context, Row
 
 MODELS = {
     # name: (batch, conv channels, dense width)
@@ -74,7 +80,7 @@ def linen_steps(batch, channels, width):
     params = model.init(jax.random.key(0), x)["params"]
     f_state = [params, tx.init(params)]
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def float_step(params, opt, x, y):
         def loss_fn(p):
             logits = model.apply({"params": p}, x)
@@ -87,7 +93,7 @@ def linen_steps(batch, channels, width):
     qv = qmodel.init(jax.random.key(0), x)
     q_state = [qv["params"], qv["quant_stats"], tx.init(qv["params"])]
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def qat_step(params, qstats, opt, x, y):
         def loss_fn(p):
             logits, upd = qmodel.apply({"params": p, "quant_stats": qstats}, x,
@@ -169,25 +175,40 @@ def torch_steps(torch, batch, channels, width):
 
 # ----------------------------------------------------------------------------------------
 
+def interleaved(fns, ctx: Context, repeats: int):
+    """Median time (ms) of each thunk, calls interleaved round by round (so load drift on a
+    shared machine hits every variant alike), plus the median per-round ratio of each to
+    the first."""
+    import jax
+    for f in fns:
+        for _ in range(max(ctx.warmup, 2)):
+            jax.block_until_ready(f())
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[i].append(time.perf_counter() - t0)
+    med = [1e3 * statistics.median(t) for t in times]
+    ratios = [statistics.median(a / b for a, b in zip(t, times[0])) for t in times]
+    return med, ratios
+
+
 def run(ctx: Context) -> list[Row]:
     rows = []
     torch = ctx.torch
-    reps = ctx.repeats
     for name, (batch, channels, width) in MODELS.items():
         if ctx.quick and name != "digits CNN":
             continue
+        reps = ctx.repeats if name == "digits CNN" else max(5, ctx.repeats // 4)
         label = f"batch {batch}"
-        run_float, run_qat = linen_steps(batch, channels, width)
-        jf = timeit(run_float, ctx, reps)
-        jq_ = timeit(run_qat, ctx, reps)
-        tf = tq_ = None
+        (jf, jq_), (_, jr) = interleaved(linen_steps(batch, channels, width), ctx, reps)
+        tf = tq_ = tr = None
         if torch is not None:
-            t_float, t_qat = torch_steps(torch, batch, channels, width)
-            tf = timeit(t_float, ctx, reps)
-            tq_ = timeit(t_qat, ctx, reps)
+            (tf, tq_), (_, tr) = interleaved(torch_steps(torch, batch, channels, width), ctx, reps)
         rows.append(Row(f"{name} float step (linen)", label, jf, tf))
-        note = f"QAT/float: jquant {jq_ / jf:.2f}"
-        if tf:
-            note += f", torch {tq_ / tf:.2f}"
+        note = f"QAT/float: jquant {jr:.2f}"
+        if tr is not None:
+            note += f", torch {tr:.2f}"
         rows.append(Row(f"{name} QAT step (linen)", label, jq_, tq_, note=note))
     return rows
