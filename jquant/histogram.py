@@ -385,7 +385,7 @@ def _counts(x2d, lo, hi, bins: int, axis_name):
 # ----------------------------------------------------------------------------------------
 
 def _upscale_exact(hist, omin, omax, umin, umax, bins: int, rate: int):
-    """torch's ``_upscale_histogram``: ``hist`` over ``[omin, omax]`` rebinned into ``[umin, umax]``.
+    """torch's ``_upscale_histogram``: ``hist`` on ``[omin, omax]`` rebinned into ``[umin, umax]``.
 
     Each bin is split into ``rate`` sub-bins of ``hist / rate``, whose float32 midpoints
     (FMA-exact linspace) are bucketized into the new edges and added into the new bins one
@@ -517,7 +517,9 @@ def _merge_rows(hist, mn, mx, counts, new_min, new_max, flags, bins: int, rate: 
 
 
 def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bool):
-    """torch's ``forward`` on each row: ``hist`` ``(C, bins)``, ``mn``/``mx`` ``(C,)``, ``x2d`` ``(C, N)``.
+    """torch's ``forward`` per row; ``hist`` ``(C, bins)``, ``mn``/``mx`` ``(C,)``, ``x2d`` ``(C, N)``.
+
+    (Argument shapes as in ``_observe_rows`` and ``_merge_rows``.)
 
     Two compiled halves when called eagerly: the batch-shaped one (``_observe_rows``) and
     the shape-independent merge, so a new input shape recompiles only the cheap half.
@@ -707,7 +709,12 @@ class HistogramObserver(UniformQuantizationObserverBase):
     float32 (torch bins float64/half inputs in their own precision). Bin counts are
     exact integers (torch's float32 per-thread counts saturate at 2**24 per bin). For
     ranges within 2**-64 of zero, the search is skipped (torch runs it on denormal bin
-    widths, which XLA flushes; the qparams are the same, ``scale == eps``).
+    widths, which XLA flushes; the qparams are the same, ``scale == eps``); when such a
+    tiny range grows, the rebinning runs on exactly scaled-up endpoints (torch's gradual
+    underflow inside that step is not emulated). A batch holding both ``-0.0`` and
+    ``+0.0`` as its minimum takes ``-0.0`` (torch's pick depends on its vector lanes).
+    ``bins`` above 32768 (torch sums in parallel chunks) may differ in the last bit of
+    the search's error sums.
     """
 
     _accepts_dynamic = False

@@ -92,7 +92,7 @@ def test_histogram_observer_bins3(qdtype, qscheme, reduce_range):
     sd = obs.state_dict(state)
     assert list(sd) == ["eps", "histogram", "min_val", "max_val"]
     buf = io.BytesIO()
-    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, buf)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, buf)
     buf.seek(0)
     loaded_dict = torch.load(buf)
     loaded = obs.load_state_dict(loaded_dict)
@@ -246,7 +246,8 @@ def test_histogram_observer_save_load_state_dict():
     assert loaded.min_val.shape == () and loaded.max_val.shape == ()
     # torch loads jquant's state dict, jquant loads torch's (including an unobserved one)
     t = TorchHistogramObserver()
-    t.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in obs1.state_dict(state).items()})
+    sd = obs1.state_dict(state)
+    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
     assert_same_state(state, t)
     fresh = obs2.load_state_dict(TorchHistogramObserver().state_dict())
     assert float(fresh.min_val) == np.inf and float(fresh.max_val) == -np.inf
