@@ -35,6 +35,12 @@ __all__ = ["prepare", "prepare_qat", "convert", "fuse_modules_qat", "fuse_module
 # graph walking
 # ---------------------------------------------------------------------------------------
 
+def _copy(model):
+    """A deep copy with its own array buffers (``jit(donate_argnums=...)`` on the prepared
+    model's state must not delete the float model's arrays)."""
+    return nnx.clone(model, arrays=True)
+
+
 def _path_str(parts) -> str:
     return ".".join(str(p) for p in parts)
 
@@ -221,7 +227,8 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
         or module type to ``QConfig`` / ``None`` (leave float). Priority: a module's own
         ``qconfig`` attribute, then path, then type, then its parent's. Entries that
         matched nothing are reported with a ``UserWarning``.
-      inplace: modify ``model``'s graph (default: work on ``nnx.clone(model)``).
+      inplace: modify ``model``'s graph (default: work on a deep copy, arrays included, as
+        torch's ``copy.deepcopy``; the float model stays usable, also with buffer donation).
       axis_name: mapped axis over which observers reduce batch statistics.
 
     Returns the prepared model: every quantizable leaf with a qconfig becomes an
@@ -232,7 +239,7 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
     ``nnx.jit``); the observer state lives in :class:`QuantStat` Variables.
     """
     if not inplace:
-        model = nnx.clone(model)
+        model = _copy(model)
     spec = _L.QConfigSpec(qconfig_spec)
     out = _prepare_graph(model, spec, qat=False, axis_name=axis_name)
     spec.warn_unmatched()
@@ -259,7 +266,7 @@ def prepare_qat(model, qconfig_spec=None, *, fuse=(), inplace: bool = False, axi
     biased one, as flax's BatchNorm).
     """
     if not inplace:
-        model = nnx.clone(model)
+        model = _copy(model)
     if fuse:
         model = fuse_modules_qat(model, fuse, inplace=True)
     spec = _L.QConfigSpec(qconfig_spec)
@@ -351,7 +358,7 @@ def fuse_modules_qat(model, modules_to_fuse, *, inplace: bool = False):
     Requirements (as torch): BatchNorm features == output channels, affine BatchNorm.
     """
     if not inplace:
-        model = nnx.clone(model)
+        model = _copy(model)
     for names, first, bn, relu, relu_path in _groups(model, modules_to_fuse):
         if type(first) is nnx.Conv:
             cls = (M.ConvBnReLU if relu else M.ConvBn) if bn is not None else M.ConvReLU
@@ -371,7 +378,7 @@ def fuse_modules(model, modules_to_fuse, *, inplace: bool = False):
     become :class:`Identity`. Groups and the ReLU entry as :func:`fuse_modules_qat`.
     """
     if not inplace:
-        model = nnx.clone(model)
+        model = _copy(model)
     for names, first, bn, relu, relu_path in _groups(model, modules_to_fuse):
         if bn is not None:
             kernel, bias = _L.fold_bn(first.kernel[...], None if first.bias is None else first.bias[...],
