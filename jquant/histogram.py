@@ -141,19 +141,27 @@ def _mul(a, b):
 def _floor_divide(a, b):
     """``torch.div(a, b, rounding_mode='floor')`` for float32 ``a`` and a positive scalar ``b``.
 
-    torch's fmod-based algorithm (REFERENCE §0.7) returns the exact ``floor(a / b)``
-    wherever it is below 2**23 in magnitude (its ``+1`` correction undoes the rounding of
-    ``(a - fmod(a, b)) / b``); larger quotients differ by rounding only, and the callers
-    clamp them to ``[0, dst_nbins - 1]`` anyway. The exact floor is computed without
-    ``fmod`` (a slow libm call): a float64 estimate, corrected by the exact remainder.
+    torch's algorithm (REFERENCE §0.7) on float32: ``mod = fmod(a, b)``, ``div = (a - mod)
+    / b``, minus one when ``mod`` is negative, then ``floor`` with a ``+1`` correction
+    above one half. ``fmod`` (a slow libm call in XLA) is replaced by its exact value from
+    a float64 quotient estimate corrected by the exact remainder; the rest is torch's
+    float32 arithmetic, so even huge quotients round as torch's do.
     """
+    b = jnp.asarray(b, F32)
     with nm.enable_x64():
         a64 = a.astype(jnp.float64)
-        b64 = jnp.asarray(b).astype(jnp.float64)
-        q = jnp.floor(a64 / b64)
+        b64 = b.astype(jnp.float64)
+        q = jnp.trunc(a64 / b64)
         rem = a64 - q * b64                 # exact: 24-bit by 24-bit products fit a double
-        q = q + (rem >= b64).astype(q.dtype) - (rem < 0).astype(q.dtype)
-        return q.astype(F32)
+        pos = a64 >= 0
+        q = q + jnp.where(pos, (rem >= b64).astype(q.dtype) - (rem < 0).astype(q.dtype),
+                          (rem > 0).astype(q.dtype) - (rem <= -b64).astype(q.dtype))
+        mod = (a64 - q * b64).astype(F32)   # == fmod(a, b), exactly representable
+    div = _div(a - mod, b)
+    div = jnp.where((mod != 0) & (mod < 0), div - 1, div)
+    fl = jnp.floor(div)
+    fl = jnp.where(div - fl > 0.5, fl + 1, fl)
+    return jnp.where(div != 0, fl, jnp.where(_div(a, b) < 0, -0.0, 0.0).astype(F32))
 
 
 def _round_fma(a, j, c):
@@ -517,9 +525,7 @@ def _merge_rows(hist, mn, mx, counts, new_min, new_max, flags, bins: int, rate: 
 
 
 def _update_rows(hist, mn, mx, x2d, bins: int, rate: int, axis_name, batched: bool):
-    """torch's ``forward`` per row; ``hist`` ``(C, bins)``, ``mn``/``mx`` ``(C,)``, ``x2d`` ``(C, N)``.
-
-    (Argument shapes as in ``_observe_rows`` and ``_merge_rows``.)
+    """torch's ``forward`` on each row of ``x2d`` ``(C, N)``; ``hist`` ``(C, bins)``.
 
     Two compiled halves when called eagerly: the batch-shaped one (``_observe_rows``) and
     the shape-independent merge, so a new input shape recompiles only the cheap half.

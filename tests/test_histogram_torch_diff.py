@@ -113,9 +113,12 @@ def test_exact_division_and_isolated_products():
                                   a * b + c)
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b, c: c - H._mul(a, b[0]))(a, b, c)),
                                   c - a * b[0])
-    q = np.asarray(jax.jit(H._floor_divide)(a, d))
-    np.testing.assert_array_equal(q, torch.div(torch.from_numpy(a), float(d),
-                                               rounding_mode="floor").numpy())
+    f = jax.jit(H._floor_divide)
+    for scale, div in [(1e3, d), (1e9, np.float32(3.7e-6)), (1.0, np.float32(7e-3))]:
+        x = (rng.standard_normal(20000) * scale).astype(np.float32)
+        q = np.asarray(f(x, div))
+        want = torch.div(torch.from_numpy(x), float(div), rounding_mode="floor").numpy()
+        assert q.tobytes() == want.tobytes()                     # signs of zero included
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,6 +207,32 @@ def test_random_sequences_match_torch_after_every_batch(bins, n, kinds, dtype, q
     s, z = obs.calculate_qparams(state)
     ts, tz = torch_qparams(tobs)
     assert same_bits(s[0], ts) and int(z[0]) == tz
+
+
+@pytest.mark.parametrize("dtype,qscheme,rate", [
+    ("qint32", "affine", 16), ("qint32", "symmetric", 16), ("quint4x2", "affine", 16),
+    ("quint8", "affine", 1), ("qint8", "symmetric", 3), ("quint8", "affine", 100)])
+def test_other_dtypes_and_upsample_rates_match_torch(dtype, qscheme, rate):
+    """dst_nbins 2**32 (qint32) and 256 (quint4x2); upsample_rate set as torch's attribute."""
+    jdt = {"qint32": jq.qint32, "quint4x2": jq.quint4x2, "quint8": jq.quint8, "qint8": jq.qint8}
+    tdt = {"qint32": torch.qint32, "quint4x2": torch.quint4x2, "quint8": torch.quint8,
+           "qint8": torch.qint8}
+    obs = jq.HistogramObserver(bins=256, dtype=jdt[dtype], qscheme=_QS[qscheme][0],
+                               upsample_rate=rate)
+    tobs = TorchHistogramObserver(bins=256, dtype=tdt[dtype], qscheme=_QS[qscheme][1])
+    tobs.upsample_rate = rate
+    rng = np.random.default_rng(rate)
+    state = obs.init()
+    for i, kind in enumerate(["relu", "normal", "outlier", "exponential", "normal"]):
+        x = make_batch(rng, kind, 200)
+        state = obs.update(state, x)
+        torch_step(tobs, x)
+        check_state(state, tobs, f"batch {i}")
+    for i, j in [(0, 255), (10, 200), (100, 101), (37, 250)]:
+        assert (np.float32(obs._compute_quantization_error(state, i, j))
+                == np.float32(tobs._compute_quantization_error(i, j))), (i, j)
+    s, z = obs.calculate_qparams(state)
+    assert (np.float32(s[0]), int(z[0])) == torch_qparams(tobs)
 
 
 def test_jitted_update_matches_torch():
