@@ -152,7 +152,7 @@ def _floor_divide(a, b):
         a64 = a.astype(jnp.float64)
         b64 = b.astype(jnp.float64)
         q = jnp.trunc(a64 / b64)
-        rem = a64 - q * b64                 # exact: 24-bit by 24-bit products fit a double
+        rem = a64 - q * b64     # exact while |a/b| < 2**29 (and beyond with XLA:CPU's FMA)
         pos = a64 >= 0
         q = q + jnp.where(pos, (rem >= b64).astype(q.dtype) - (rem < 0).astype(q.dtype),
                           (rem > 0).astype(q.dtype) - (rem <= -b64).astype(q.dtype))
