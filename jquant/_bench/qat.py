@@ -212,3 +212,111 @@ def run(ctx: Context) -> list[Row]:
             note += f", torch {tr:.2f}"
         rows.append(Row(f"{name} QAT step (linen)", label, jq_, tq_, note=note))
     return rows
+
+
+# ----------------------------------------------------------------------------------------
+# jquant NNX (appended by the NNX front end)
+# ----------------------------------------------------------------------------------------
+
+def nnx_model(channels, width):
+    """The bench CNN as an unmodified flax.nnx model (ReLUs held as attributes, so
+    ``fuse_modules_qat`` gives torch's exact ConvReLU / LinearReLU)."""
+    from flax import nnx
+
+    class CNN(nnx.Module):
+        def __init__(self):
+            r = nnx.Rngs(0)
+            self.conv1 = nnx.Conv(1, channels[0], (3, 3), padding=1, rngs=r)
+            self.act1 = nnx.relu
+            self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding=1, rngs=r)
+            self.act2 = nnx.relu
+            self.fc1 = nnx.Linear(channels[1] * 64, width, rngs=r)
+            self.act3 = nnx.relu
+            self.fc2 = nnx.Linear(width, 10, rngs=r)
+
+        def __call__(self, x):
+            x = self.act2(self.conv2(self.act1(self.conv1(x))))
+            x = self.act3(self.fc1(x.reshape(x.shape[0], -1)))
+            return self.fc2(x)
+
+    return CNN()
+
+
+NNX_FUSE = [("conv1", "act1"), ("conv2", "act2"), ("fc1", "act3")]
+
+
+def nnx_steps(batch, channels, width, use_nnx_jit: bool = False):
+    """(float_step, qat_step) thunks for the NNX model.
+
+    Default: flax's low-overhead recipe, ``nnx.split`` once and a ``jax.jit`` step over
+    the state's leaves (donated) with ``nnx.merge`` inside; ``use_nnx_jit``: the
+    idiomatic ``@nnx.jit`` step on the module and optimizer (adds flax's per-call graph
+    traversal on the host).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jquant as jq
+    import jquant.nnx as jqn
+
+    x, y = map(jnp.asarray, _data(batch))
+    tx = optax.adam(1e-3)
+    float_model = nnx_model(channels, width)
+    qat_model = jqn.prepare_qat(float_model, jq.get_default_qat_qconfig("x86"), fuse=NNX_FUSE)
+
+    def loss_fn(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    def make(model):
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        if use_nnx_jit:
+            @nnx.jit
+            def step(m, o, x, y):
+                loss, g = nnx.value_and_grad(loss_fn)(m, x, y)
+                o.update(m, g)
+                return loss
+            return lambda: step(model, optimizer, x, y)
+        graphdef, state = nnx.split((model, optimizer))
+        leaves, treedef = jax.tree.flatten(state)  # a flat list of arrays: cheap to pass
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def pure_step(leaves, x, y):
+            m, o = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            loss, g = nnx.value_and_grad(loss_fn)(m, x, y)
+            o.update(m, g)
+            return jax.tree.leaves(nnx.state((m, o))), loss
+
+        box = [leaves]
+
+        def run():
+            box[0], loss = pure_step(box[0], x, y)
+            return loss
+        return run
+
+    return make(float_model), make(qat_model)
+
+
+def run_nnx(ctx: Context) -> list[Row]:
+    rows = []
+    for name, (batch, channels, width) in MODELS.items():
+        if ctx.quick and name != "digits CNN":
+            continue
+        reps = ctx.repeats if name == "digits CNN" else max(5, ctx.repeats // 4)
+        label = f"batch {batch}"
+        (jf, jq_), (_, jr) = interleaved(nnx_steps(batch, channels, width), ctx, reps)
+        (nf, nq), (_, nr) = interleaved(nnx_steps(batch, channels, width, use_nnx_jit=True),
+                                        ctx, reps)
+        rows.append(Row(f"{name} float step (nnx)", label, jf))
+        rows.append(Row(f"{name} QAT step (nnx)", label, jq_,
+                        note=f"QAT/float: jquant {jr:.2f} (nnx.split + jax.jit); with @nnx.jit "
+                             f"{nr:.2f} ({nf:.2f} / {nq:.2f} ms)"))
+    return rows
+
+
+_run_linen = run
+
+
+def run(ctx: Context) -> list[Row]:  # noqa: F811 - the Linen rows, then the NNX rows
+    return _run_linen(ctx) + run_nnx(ctx)
