@@ -65,31 +65,156 @@ def _normalize_axis(axis, ndim):
 
 
 # ----------------------------------------------------------------------------------------
+# Exact-arithmetic helpers
+# ----------------------------------------------------------------------------------------
+
+_F32_EXACT_INT = 2 ** 24  # integers up to this magnitude are exact in float32
+
+
+def _is_wide(qmin: int, qmax: int) -> bool:
+    """Ranges whose integers are not all exact in float32 (e.g. qint32).
+
+    Narrow ranges form ``clamp(q) - zp`` by a float32 subtraction, which rounds once (as
+    torch's int64 difference converted to float) whenever the zero point is a float32
+    integer: any in-range zero point, and the INT32_MIN that a NaN range produces.
+    """
+    return max(abs(qmin), abs(qmax)) > _F32_EXACT_INT
+
+
+def _rounded(p):
+    """``p`` (a product) rounded to float32 on its own, as torch's kernels do.
+
+    XLA:CPU contracts ``a + b * c`` into one fused multiply-add inside a fused kernel; a
+    select on ``p == p`` (NaN keeps a NaN) hides the multiply from the contraction.
+    """
+    return jnp.where(p == p, p, -p)
+
+
+def _unsigned_zero(d):
+    """``d`` with -0.0 replaced by +0.0 (torch's integer differences have no signed zero)."""
+    return jnp.where(d == 0, jnp.zeros((), d.dtype), d)
+
+
+def _zp_to_int32(zp):
+    """An integer zero point as int32: float values truncate (torch's ``zp.item<int64>``)."""
+    zp = jnp.asarray(zp)
+    if jnp.issubdtype(zp.dtype, jnp.floating):
+        return nm.x86_f32_to_int32(zp)
+    return zp.astype(jnp.int32)
+
+
+def _f32_bounds(qmin: int, qmax: int):
+    """Static helpers for clamping integer-valued float32 ``q`` to ``[qmin, qmax]`` exactly.
+
+    Returns ``(below, above, (qmin_hi, qmin_lo), (qmax_hi, qmax_lo))``: ``q < qmin`` iff
+    ``q <= below`` and ``q > qmax`` iff ``q >= above`` (float32 thresholds), and each bound
+    split into a float32 part plus a small integer remainder (2**31 - 1 is not a float32).
+    """
+    def split(v):
+        hi = float(np.float32(v))
+        return hi, float(v - int(hi))
+    below = np.float32(qmin - 1)
+    if int(below) > qmin - 1:  # round down
+        below = np.nextafter(below, np.float32(-np.inf))
+    above = np.float32(qmax + 1)
+    if int(above) < qmax + 1:  # round up
+        above = np.nextafter(above, np.float32(np.inf))
+    return float(below), float(above), split(qmin), split(qmax)
+
+
+def _clamped_diff_parts(qf, zp_i, qmin: int, qmax: int):
+    """``(hi, lo)`` float32 with ``hi + lo == clamp(qf, qmin, qmax) - zp`` exactly.
+
+    For wide (e.g. qint32) ranges: ``qf`` is an integer-valued float32 (NaN handled by the
+    caller), clamped exactly (torch clamps in int64/double, where ``2**31 - 1`` is exact),
+    and the zero point's high bytes (exact in float32) are subtracted with an error-free
+    TwoSum; ``lo`` is a small integer.
+    """
+    below, above, (min_hi, min_lo), (max_hi, max_lo) = _f32_bounds(qmin, qmax)
+    is_low = qf <= below
+    is_high = qf >= above
+    vh = jnp.where(is_high, jnp.float32(max_hi), jnp.where(is_low, jnp.float32(min_hi), qf))
+    vl = jnp.where(is_high, jnp.float32(max_lo), jnp.where(is_low, jnp.float32(min_lo),
+                                                           jnp.float32(0)))
+    zh = (zp_i & jnp.int32(-256)).astype(jnp.float32)  # <= 24 significant bits: exact
+    zl = (zp_i & jnp.int32(255)).astype(jnp.float32)
+    s = vh - zh
+    bb = s - vh
+    err = (vh - (s - bb)) + (-zh - bb)  # exact rounding error of vh - zh (an integer)
+    return s, err + (vl - zl)
+
+
+def _fma_f64(a, b, c):
+    # Round-to-odd in float64 then round to float32 == one rounding of a*b + c.
+    with nm.enable_x64():
+        f64 = jnp.float64
+        prod = a.astype(f64) * b.astype(f64)  # exact
+        cc = c.astype(f64)
+        s = prod + cc
+        bb = s - prod
+        err = (prod - (s - bb)) + (cc - bb)  # TwoSum error, exact
+        bits = lax.bitcast_convert_type(s, jnp.int64)
+        step = jnp.where((err > 0) == (s > 0), jnp.int64(1), jnp.int64(-1))
+        odd = lax.bitcast_convert_type(bits + step, f64)
+        fix = (err != 0) & ((bits & 1) == 0) & jnp.isfinite(s)
+        return jnp.where(fix, odd, s).astype(jnp.float32)
+
+
+def _fma_f32(a, b, c):
+    """float32 ``a * b + c`` with one rounding (a fused multiply-add, as fbgemm's AVX2 code).
+
+    Exact through float64 on CPU/GPU; elsewhere the plain expression (which XLA contracts).
+    """
+    a, b, c = jnp.broadcast_arrays(nm.f32(a), nm.f32(b), nm.f32(c))
+    return lax.platform_dependent(a, b, c, cpu=_fma_f64, cuda=_fma_f64,
+                                  default=lambda u, v, w: u * v + w)
+
+
+def _mul_f64_cpu(d_hi, d_lo, scale):
+    with nm.enable_x64():
+        f64 = jnp.float64
+        d = _unsigned_zero(d_hi.astype(f64) + d_lo.astype(f64))
+        return (d * scale.astype(f64)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
 # Per-tensor affine (torch.fake_quantize_per_tensor_affine)
 # ----------------------------------------------------------------------------------------
 
-def _fq_per_tensor_fwd_math(x, scale, zp, qmin, qmax):
+def _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax):
+    # torch: qf = float(zp) + nearbyint(x * inv); clamp in float (NaN -> qmin); the output
+    # is (int64(qc) - zp) * scale; the mask is taken on the unclamped qf.
     inv = jnp.float32(1.0) / scale
-    qf = zp + nm.rne(x * inv)
-    qc = jnp.where(jnp.isnan(qf), jnp.float32(qmin), jnp.clip(qf, qmin, qmax))
-    y = (qc - zp) * scale
+    qf = zp_i.astype(jnp.float32) + nm.rne(x * inv)
+    if _is_wide(qmin, qmax):
+        hi, lo = _clamped_diff_parts(jnp.where(jnp.isnan(qf), -jnp.inf, qf), zp_i, qmin, qmax)
+        y = _unsigned_zero(hi + lo) * scale
+    else:
+        qc = jnp.where(jnp.isnan(qf), jnp.float32(qmin), jnp.clip(qf, qmin, qmax))
+        y = _unsigned_zero(qc - zp_i.astype(jnp.float32)) * scale
     mask = (qf >= qmin) & (qf <= qmax)
     return y, mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fq_per_tensor(x, scale, zp, qmin, qmax):
-    return _fq_per_tensor_fwd_math(x, scale, zp, qmin, qmax)[0]
+def _fq_per_tensor(x, scale, zp_i, qmin, qmax):
+    return _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)[0]
 
 
-def _fq_per_tensor_fwd(x, scale, zp, qmin, qmax):
-    y, mask = _fq_per_tensor_fwd_math(x, scale, zp, qmin, qmax)
-    return y, (mask, jnp.zeros_like(scale), jnp.zeros_like(zp))
+def _fq_per_tensor_fwd(x, scale, zp_i, qmin, qmax):
+    y, mask = _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)
+    return y, (mask, jnp.zeros_like(scale))
+
+
+def _masked(g, mask):
+    """torch's ``dY * mask``: masked-out entries are ``g * 0`` (-0.0 for a negative g, NaN
+    for inf/NaN); XLA would turn a multiply by the converted mask into a plain select."""
+    return jnp.where(mask, g, g * jnp.zeros((), g.dtype))
 
 
 def _fq_mask_bwd(qmin, qmax, res, g):
-    mask, zs, zz = res
-    return jnp.where(mask, g, jnp.zeros((), g.dtype)), zs, zz
+    mask, zs = res
+    return _masked(g, mask), zs, None
 
 
 _fq_per_tensor.defvjp(_fq_per_tensor_fwd, _fq_mask_bwd)
@@ -103,18 +228,25 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_
     Args:
       x: float array of any shape.
       scale: float, or an array with one element (shape ``()`` or ``(1,)``).
-      zero_point: int, or an array with one element (any integer or float dtype).
+      zero_point: int, or an array with one element (an integer dtype; a float zero point
+        truncates toward zero, as torch's tensor overload does).
       quant_min, quant_max: static Python ints.
     Returns:
       An array of ``x``'s shape and dtype. Gradient w.r.t. ``x`` is ``g * mask`` with
       ``mask = qmin <= zp + round(x/scale) <= qmax`` (inclusive, on the unclamped value);
       ``scale`` and ``zero_point`` get zero gradient. NaN maps to ``(qmin - zp) * scale``,
       ``+inf`` to ``(qmax - zp) * scale``, ``-inf`` to ``(qmin - zp) * scale``, as in torch.
+      ``clamp(q) - zp`` is formed exactly (torch: int64), also for qint32 ranges.
+
+    Deviation: a scale above 2**126 has a float32-subnormal reciprocal, which XLA:CPU
+    flushes to zero: ``+-inf`` inputs then map like NaN (to ``(qmin - zp) * scale``) and
+    inputs above ~2**100 to 0, where torch keeps the subnormal. Finite inputs whose
+    quantized value is 0 anyway (everything below ~2**100) match torch.
     """
     qmin, qmax = _check_range(quant_min, quant_max)
     x = jnp.asarray(x)
     scale = nm.f32(_scalar_param(scale, "scale"))
-    zp = nm.f32(_scalar_param(zero_point, "zero_point"))
+    zp = _zp_to_int32(_scalar_param(zero_point, "zero_point"))
     y = _fq_per_tensor(nm.f32(x), scale, zp, qmin, qmax)
     return y.astype(x.dtype)
 
@@ -123,13 +255,20 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_
 # Per-channel affine (torch.fake_quantize_per_channel_affine)
 # ----------------------------------------------------------------------------------------
 
-def _fq_per_channel_int_math(x, scale, zp, qmin, qmax):
-    # torch: q = int64(zp + nearbyint(x * inv)); NaN/inf -> INT64_MIN -> clamps to qmin.
+def _fq_per_channel_int_math(x, scale, zp_i, qmin, qmax):
+    # torch: q = int64(float(zp) + nearbyint(x * inv)) (NaN/inf -> INT64_MIN -> qmin),
+    # y = float(double(clamp(q) - zp) * double(scale)), mask on the unclamped q.
     inv = jnp.float32(1.0) / scale
-    qf = zp + nm.rne(x * inv)
+    qf = zp_i.astype(jnp.float32) + nm.rne(x * inv)
     ok = nm.in_int64_range(qf)
-    qc = jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin))
-    y = (qc - zp) * scale
+    if _is_wide(qmin, qmax):
+        # clamp(q) - zp exactly as hi + lo, times the scale in float64 (torch's rounding).
+        d_hi, d_lo = _clamped_diff_parts(jnp.where(ok, qf, -jnp.inf), zp_i, qmin, qmax)
+        y = lax.platform_dependent(d_hi, d_lo, scale, cpu=_mul_f64_cpu, cuda=_mul_f64_cpu,
+                                   default=lambda h, l, sc: _unsigned_zero(h + l) * sc)
+    else:
+        qc = jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin))
+        y = _unsigned_zero(qc - zp_i.astype(jnp.float32)) * scale
     mask = ok & (qf >= qmin) & (qf <= qmax)
     return y, mask
 
@@ -147,11 +286,12 @@ def _dequant_float_zp(qc, zp, scale):
 
 
 def _fq_per_channel_float_math(x, scale, zp, qmin, qmax):
-    # torch: q = lrintf(zp + x * inv) (round after adding the float zero point).
+    # torch: q = lrintf(zp + x * inv) (round after adding the float zero point; the product
+    # is rounded on its own first).
     inv = jnp.float32(1.0) / scale
-    qf = nm.rne(zp + x * inv)
+    qf = nm.rne(zp + _rounded(x * inv))
     ok = nm.in_int64_range(qf)
-    qc = jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin))
+    qc = _unsigned_zero(jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin)))
     y = _dequant_float_zp(qc, zp, scale)
     mask = ok & (qf >= qmin) & (qf <= qmax)
     return y, mask
@@ -166,11 +306,12 @@ def _fq_per_channel(x, scale, zp, qmin, qmax, float_zp):
 def _fq_per_channel_fwd(x, scale, zp, qmin, qmax, float_zp):
     math = _fq_per_channel_float_math if float_zp else _fq_per_channel_int_math
     y, mask = math(x, scale, zp, qmin, qmax)
-    return y, (mask, jnp.zeros_like(scale), jnp.zeros_like(zp))
+    return y, (mask, jnp.zeros_like(scale), jnp.zeros_like(zp) if float_zp else None)
 
 
 def _fq_per_channel_bwd(qmin, qmax, float_zp, res, g):
-    return _fq_mask_bwd(qmin, qmax, res, g)
+    mask, zs, zz = res
+    return _masked(g, mask), zs, zz
 
 
 _fq_per_channel.defvjp(_fq_per_channel_fwd, _fq_per_channel_bwd)
@@ -187,7 +328,8 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis: int, quant_min:
         int32 path, NaN and ``+-inf`` map to ``qmin``); a float zero point (embedding
         ``per_channel_affine_float_qparams``) is added before rounding and the output
         product is formed in float64 as torch does (float32 on TPU: at most 1 ulp apart).
-      axis: the channel axis (static).
+        ``clamp(q) - zp`` is formed exactly for integer zero points (qint32 ranges too).
+      axis: the channel axis (static; negative counts from the end, torch needs >= 0).
       quant_min, quant_max: static Python ints.
     Returns:
       An array of ``x``'s shape and dtype; gradient ``g * mask`` w.r.t. ``x``.
@@ -204,7 +346,7 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis: int, quant_min:
     float_zp = bool(jnp.issubdtype(zero_point.dtype, jnp.floating))
     bshape = _channel_shape(x, axis)
     s = nm.f32(scale).reshape(bshape)
-    z = nm.f32(zero_point).reshape(bshape)
+    z = (nm.f32(zero_point) if float_zp else zero_point.astype(jnp.int32)).reshape(bshape)
     y = _fq_per_channel(nm.f32(x), s, z, qmin, qmax, float_zp)
     return y.astype(x.dtype)
 
@@ -213,21 +355,26 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis: int, quant_min:
 # Learnable (LSQ) fake quantization (torch._fake_quantize_learnable_per_*_affine)
 # ----------------------------------------------------------------------------------------
 
-def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor, round_after_add):
-    """Per-element (dX, dScale_i, dZeroPoint_i) of torch's learnable fake-quant backward."""
+def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor):
+    """Per-element (dX, dScale_i, dZeroPoint_i) of torch's learnable fake-quant backward.
+
+    ``zp`` is the backward's integer-valued zero point. As torch's CPU kernel (compiled
+    with multiply-add contraction): ``xq = round(fma(x, inv, zp))`` (add, then round —
+    unlike the forward), ``dScale_i = ((g * fma(clamp(xq) - zp, scale, -x)) * inv) * grad_factor``
+    inside the range, ``((qmin|qmax - zp) * g) * grad_factor`` outside, and
+    ``dZeroPoint_i = ((g * -1) * scale) * grad_factor`` outside.
+    """
     inv = jnp.float32(1.0) / scale
-    if round_after_add:
-        xq = nm.rne(zp + x * inv)
-    else:
-        xq = zp + nm.rne(x * inv)
+    xq = nm.rne(_fma_f32(x, inv, zp))
     ok = nm.in_int64_range(xq)
     below = ~ok | (xq < qmin)
     above = ok & (xq > qmax)
     inside = ~(below | above)
-    xfq = (jnp.where(ok, jnp.clip(xq, qmin, qmax), jnp.float32(qmin)) - zp) * scale
+    qc = jnp.where(ok, jnp.clip(xq, qmin, qmax), jnp.float32(qmin))
+    err = _fma_f32(qc - zp, scale, -x)  # xfq - x with one rounding
     zero = jnp.zeros((), jnp.float32)
-    dx = jnp.where(inside, g, zero)
-    ds_in = g * (xfq - x) * inv * grad_factor
+    dx = _masked(g, inside)
+    ds_in = g * err * inv * grad_factor
     ds_out = jnp.where(below, g * (jnp.float32(qmin) - zp), g * (jnp.float32(qmax) - zp)) * grad_factor
     ds = jnp.where(inside, ds_in, ds_out)
     dz = jnp.where(inside, zero, g * jnp.float32(-1.0) * scale * grad_factor)
@@ -236,8 +383,9 @@ def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor, round_after_add):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lsq_per_tensor(x, scale, zp, qmin, qmax, grad_factor):
-    zf = jnp.clip(nm.rne(zp), qmin, qmax)
-    return _fq_per_tensor_fwd_math(x, scale, zf, qmin, qmax)[0]
+    zf = nm.x86_f32_to_int32(jnp.clip(nm.rne(zp), qmin, qmax))
+    y = _fq_per_tensor_fwd_math(x, scale, zf, qmin, qmax)[0]
+    return jnp.where(jnp.isnan(zp), jnp.float32(jnp.nan), y)  # torch raises for a NaN zp
 
 
 def _lsq_per_tensor_fwd(x, scale, zp, qmin, qmax, grad_factor):
@@ -249,7 +397,7 @@ def _lsq_per_tensor_bwd(qmin, qmax, res, g):
     # torch's backward truncates zp + 0.5 (round half up), unlike the forward's half-even.
     zb = jnp.trunc(jnp.clip(zp + jnp.float32(0.5), qmin, qmax))
     dx, ds, dz = _lsq_grads(x, g.astype(jnp.float32), scale, zb, qmin, qmax,
-                            nm.f32(grad_factor), round_after_add=False)
+                            nm.f32(grad_factor))
     return dx, jnp.sum(ds).reshape(scale.shape), jnp.sum(dz).reshape(zp.shape), jnp.zeros_like(grad_factor)
 
 
@@ -289,8 +437,9 @@ def fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min: i
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _lsq_per_channel(x, scale, zp, axis, qmin, qmax, grad_factor):
     bshape = _channel_shape(x, axis)
-    zr = jnp.clip(nm.rne(zp), qmin, qmax).reshape(bshape)
-    return _fq_per_channel_int_math(x, scale.reshape(bshape), zr, qmin, qmax)[0]
+    zr = nm.x86_f32_to_int32(jnp.clip(nm.rne(zp), qmin, qmax)).reshape(bshape)
+    y = _fq_per_channel_int_math(x, scale.reshape(bshape), zr, qmin, qmax)[0]
+    return jnp.where(jnp.isnan(zp.reshape(bshape)), jnp.float32(jnp.nan), y)
 
 
 def _lsq_per_channel_fwd(x, scale, zp, axis, qmin, qmax, grad_factor):
@@ -303,7 +452,7 @@ def _lsq_per_channel_bwd(axis, qmin, qmax, res, g):
     bshape = _channel_shape(x, axis)
     zr = jnp.clip(nm.rne(zp), qmin, qmax)
     dx, ds, dz = _lsq_grads(x, g.astype(jnp.float32), scale.reshape(bshape), zr.reshape(bshape),
-                            qmin, qmax, nm.f32(grad_factor), round_after_add=True)
+                            qmin, qmax, nm.f32(grad_factor))
     red = tuple(i for i in range(x.ndim) if i != axis)
     return dx, jnp.sum(ds, axis=red), jnp.sum(dz, axis=red), jnp.zeros_like(grad_factor)
 
@@ -354,26 +503,60 @@ def _check_qdtype(dtype):
     return d
 
 
+def _to_storage(qf, lo: int, hi: int, d, nan_value: int):
+    """Integer-valued float32 ``qf`` saturated to ``[lo, hi]`` as ``d``; NaN -> ``nan_value``."""
+    below, above, _, _ = _f32_bounds(lo, hi)
+    q = jnp.where(qf <= below, lo, jnp.where(qf >= above, hi,
+                                              jnp.where(jnp.isnan(qf), 0, qf).astype(jnp.int64
+                                                  if d.itemsize > 4 else jnp.int32)))
+    q = jnp.where(jnp.isnan(qf), nan_value, q)
+    return jnp.clip(q, lo, hi).astype(d)
+
+
+def _wrap_int32_float(qf):
+    """Integer-valued float32 ``qf`` (NaN/inf/beyond int64 -> 0) wrapped modulo 2**32 to
+    the int32 range, exactly: ``int32(int64(qf))`` on x86."""
+    qf = jnp.where(nm.in_int64_range(qf), qf, jnp.float32(0))
+    two32 = jnp.float32(2.0 ** 32)
+    r = qf - jnp.floor(qf * jnp.float32(2.0 ** -32)) * two32  # exact for |qf| >= 2**31
+    r = jnp.where(r >= jnp.float32(2.0 ** 31), r - two32, r)
+    return jnp.where(jnp.abs(qf) < jnp.float32(2.0 ** 31), qf, r)
+
+
 def quantize_per_tensor(x, scale, zero_point, dtype):
     """Quantizes to integers; ``torch.quantize_per_tensor`` (returns the integer array).
 
-    ``q = clamp(zp + round(x * (1/scale)), dtype.min, dtype.max)`` as ``dtype``. Non-finite
-    inputs saturate (NaN maps to ``zp``'s lowest storable value; torch leaves them undefined).
+    Rounding follows torch's x86 kernels: uint8/int8 round ``x * (1/scale) + zp`` computed
+    with one rounding (fbgemm's fused multiply-add), int32 rounds ``zp + x * (1/scale)``
+    with two float32 roundings, and quint4x2 (uint4) adds ``zp`` to the rounded
+    ``x * (1/scale)``. Results saturate to the dtype's range. Non-finite inputs as in torch:
+    NaN gives the maximum for uint8/int8, INT32_MIN for int32 and 0 for uint4 (whose
+    ``+-inf`` also give 0); ``+-inf`` saturate otherwise.
     """
     d = _check_qdtype(dtype)
     lo, hi = _storage_range(d)
+    x = nm.f32(x)
     scale = nm.f32(_scalar_param(scale, "scale"))
-    zp = nm.f32(_scalar_param(zero_point, "zero_point"))
-    qf = zp + nm.rne(nm.f32(x) * (jnp.float32(1.0) / scale))
-    qf = jnp.where(jnp.isnan(qf), jnp.float32(lo), jnp.clip(qf, lo, hi))
-    return qf.astype(d)
+    zp = nm.f32(_zp_to_int32(_scalar_param(zero_point, "zero_point")))
+    inv = jnp.float32(1.0) / scale
+    if d.name in ("uint8", "int8"):
+        return _to_storage(nm.rne(_fma_f32(x, inv, zp)), lo, hi, d, hi)
+    if d.name == "uint4":
+        qf = zp + nm.rne(x * inv)
+        return _to_storage(jnp.where(nm.in_int64_range(qf), qf, jnp.float32(lo)), lo, hi, d, lo)
+    qf = nm.rne(zp + _rounded(x * inv))
+    return _to_storage(qf, lo, hi, d, lo)
 
 
 def quantize_per_channel(x, scale, zero_point, axis: int, dtype):
     """Per-channel quantization; ``torch.quantize_per_channel`` (returns the integer array).
 
-    An integer zero point rounds then adds; a float zero point (``float_qparams``) adds then
-    rounds, as torch's embedding quantization does.
+    ``q = round(zp + x * (1/scale))`` with two float32 roundings, as torch's kernel, for
+    integer and float (``per_channel_affine_float_qparams``) zero points alike; saturated to
+    the dtype's range. NaN gives 0 for uint8/int8 and INT32_MIN for int32. With a float zero
+    point torch keeps the rounded value in an ``int32`` before clamping: values beyond the
+    int32 range wrap around (modulo 2**32) and NaN, ``+-inf`` and values beyond int64 give 0
+    (then clamped), as here.
     """
     d = _check_qdtype(dtype)
     lo, hi = _storage_range(d)
@@ -382,29 +565,31 @@ def quantize_per_channel(x, scale, zero_point, axis: int, dtype):
     bshape = _channel_shape(x, axis)
     zero_point = jnp.asarray(zero_point)
     s = nm.f32(scale).reshape(bshape)
-    z = nm.f32(zero_point).reshape(bshape)
-    inv = jnp.float32(1.0) / s
-    if jnp.issubdtype(zero_point.dtype, jnp.floating):
-        qf = nm.rne(x * inv + z)
-    else:
-        qf = z + nm.rne(x * inv)
-    qf = jnp.where(jnp.isnan(qf), jnp.float32(lo), jnp.clip(qf, lo, hi))
-    return qf.astype(d)
+    float_zp = jnp.issubdtype(zero_point.dtype, jnp.floating)
+    z = nm.f32(zero_point if float_zp else _zp_to_int32(zero_point)).reshape(bshape)
+    qf = nm.rne(z + _rounded(x * (jnp.float32(1.0) / s)))
+    if float_zp:
+        return _to_storage(_wrap_int32_float(qf), lo, hi, d, lo)
+    return _to_storage(qf, lo, hi, d, lo if d.name == "int32" else 0)
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None):
     """``(q - zero_point) * scale`` in float32; ``Tensor.dequantize``.
 
     ``axis=None`` is per-tensor (one-element ``scale``/``zero_point``); otherwise they have
-    shape ``(q.shape[axis],)``.
+    shape ``(q.shape[axis],)``. As torch: per tensor, ``q - zp`` is an int32 subtraction
+    (wrapping for extreme int32 values) converted to float32; per channel, ``q`` and ``zp``
+    are converted to float32 first. Float zero points subtract in float32.
     """
     q = jnp.asarray(q)
     if axis is None:
         s = nm.f32(_scalar_param(scale, "scale"))
-        z = nm.f32(_scalar_param(zero_point, "zero_point"))
-    else:
-        axis = _normalize_axis(axis, q.ndim)
-        bshape = _channel_shape(q, axis)
-        s = nm.f32(scale).reshape(bshape)
-        z = nm.f32(zero_point).reshape(bshape)
+        z = jnp.asarray(_scalar_param(zero_point, "zero_point"))
+        if not jnp.issubdtype(z.dtype, jnp.floating):
+            return (q.astype(jnp.int32) - z.astype(jnp.int32)).astype(jnp.float32) * s
+        return (q.astype(jnp.float32) - z) * s
+    axis = _normalize_axis(axis, q.ndim)
+    bshape = _channel_shape(q, axis)
+    s = nm.f32(scale).reshape(bshape)
+    z = nm.f32(zero_point).reshape(bshape)
     return (q.astype(jnp.float32) - z) * s

@@ -39,7 +39,8 @@ Deviations from torch, each named in a jquant docstring and tested below (``test
    ``FakeQuantize`` with an observer that has no range (torch fails later, in forward).
 8. ``load_state_dict`` keeps the given ``eps``; torch resets it to 2**-23 when the dict has
    no version metadata (a plain dict).
-9. ``quantize_per_tensor`` maps NaN to the dtype's lowest value (torch: undefined).
+9. (No longer a deviation: ``quantize_per_tensor`` / ``quantize_per_channel`` map NaN as
+   torch's x86 kernels do; see ``tests/test_parity_ops.py``.)
 """
 from __future__ import annotations
 
@@ -1010,10 +1011,11 @@ def test_deviation_learnable_nan_zero_point():
 
 
 def test_deviation_quantize_nan_maps_to_lowest_value():
-    """Deviation 9 (documented in quantize_per_tensor): NaN -> the dtype's lowest value."""
+    """Formerly deviation 9; NaN now maps as torch's x86 kernels: the dtype's maximum per
+    tensor (fbgemm), 0 per channel."""
     x = jnp.array([NAN, INF, -INF, 1.0])
-    np.testing.assert_array_equal(jq.quantize_per_tensor(x, 0.1, 3, jq.quint8), [0, 255, 0, 13])
-    np.testing.assert_array_equal(jq.quantize_per_tensor(x, 0.1, 0, jq.qint8), [-128, 127, -128, 10])
+    np.testing.assert_array_equal(jq.quantize_per_tensor(x, 0.1, 3, jq.quint8), [255, 255, 0, 13])
+    np.testing.assert_array_equal(jq.quantize_per_tensor(x, 0.1, 0, jq.qint8), [127, 127, -128, 10])
     np.testing.assert_array_equal(
         jq.quantize_per_channel(x.reshape(1, 4), jnp.array([0.1]), jnp.array([0]), 0, jq.qint8),
-        [[-128, 127, -128, 10]])
+        [[0, 127, -128, 10]])
