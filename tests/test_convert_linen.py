@@ -43,9 +43,10 @@ def _x(shape, seed=0):
 
 
 def _calibrate(model, v, xs, train=True):
+    step = jax.jit(lambda v_, x_: model.apply(v_, x_, train,
+                                              mutable=["quant_stats", "batch_stats"])[1])
     for x in xs:
-        _, upd = model.apply(v, x, train, mutable=["quant_stats", "batch_stats"])
-        v = {**v, **upd}
+        v = {**v, **step(v, x)}
     return v
 
 
@@ -68,7 +69,7 @@ def test_cnn_convert(mode):
     with pytest.raises(ValueError, match="has not seen any data"):
         jl.convert(model, v)
     v = _calibrate(model, v, xs)
-    ref = model.apply(v, xs[0], False)          # fake quant (QAT) / float (PTQ), frozen
+    ref = jax.jit(lambda a, b: model.apply(a, b, False))(v, xs[0])   # fake quant / float, frozen
     qm, qv = jl.convert(model, v)
     y = jax.jit(lambda a, b: qm.apply(a, b, False))(qv, xs[0])
     packed = qv["quantized"]["fc"]["packed"]
@@ -217,10 +218,10 @@ def test_embedding_linear_qat_convert(backend):
     idx = jnp.asarray(np.random.default_rng(1).integers(0, 10, (5, 12)), jnp.int32)
     model = jl.prepare_qat(EmbLinear(), spec)
     v = model.init(jax.random.key(0), idx)
+    step = jax.jit(lambda a, b: model.apply(a, b, mutable=["quant_stats"])[1])
     for _ in range(2):
-        ref, upd = model.apply(v, idx, mutable=["quant_stats"])
-        v = {**v, **upd}
-    ref = model.apply(v, idx)
+        v = {**v, **step(v, idx)}
+    ref = jax.jit(model.apply)(v, idx)
     qm, qv = jl.convert(model, v, backend=backend)
     q = qv["quantized"]
     assert isinstance(q["emb"]["packed"], Q.PackedEmbedding) and q["emb"]["packed"].bits == 8

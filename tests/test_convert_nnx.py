@@ -29,6 +29,9 @@ warnings.filterwarnings("ignore")
 F32 = np.float32
 
 
+_fwd = nnx.jit(lambda m, x: m(x))
+
+
 def _x(shape, seed=0, uniform=False):
     rng = np.random.default_rng(seed)
     a = rng.uniform(size=shape) if uniform else rng.normal(size=shape)
@@ -49,15 +52,15 @@ def test_cnn_convert(mode):
     with pytest.raises(ValueError, match="has not seen any data"):
         jqn.convert(p)
     for x in xs:
-        p(x)
+        _fwd(p, x)
     p.eval()
-    ref = p(xs[0])
+    ref = _fwd(p, xs[0])
     q = jqn.convert(p)
     assert isinstance(q.quant, C.Quantize) and isinstance(q.dequant, C.DeQuantize)
     assert isinstance(q.conv1, C.QuantizedConv) and q.conv1.relu
     assert isinstance(q.fc2, C.QuantizedLinear) and not q.fc2.relu
     assert q.conv1.weight[...].dtype == jnp.int8 and q.fc1.weight[...].dtype == jnp.int8
-    y = nnx.jit(lambda mm, xx: mm(xx))(q, xs[0])
+    y = _fwd(q, xs[0])
     step = float(q.fc2.scale[...])
     d = np.abs(np.asarray(y) - np.asarray(ref))
     frac = float(np.mean(d <= step * 1.001 + 1e-6))
@@ -139,9 +142,9 @@ def test_embedding_linear_qat_convert(backend):
     idx = jnp.asarray(np.random.default_rng(1).integers(0, 10, (5, 12)), jnp.int32)
     p = jqn.prepare_qat(EmbLinear(), spec)
     for _ in range(2):
-        p(idx)
+        _fwd(p, idx)
     jq.disable_observer(p)
-    ref = p(idx)
+    ref = _fwd(p, idx)
     q = jqn.convert(p, backend=backend)
     assert isinstance(q.emb, C.QuantizedEmbedding) and q.emb.packed().bits == 8
     assert isinstance(q.linear, C.QuantizedLinear) and q.linear.weight[...].dtype == jnp.int8
@@ -205,9 +208,9 @@ def test_qat_convert_after_each_epoch():
         q = jqn.convert(p, backend="fbgemm")      # a converted copy; training goes on
         assert isinstance(q.conv1, C.QuantizedConv) and isinstance(q.conv2, C.QuantizedConv)
         x = jnp.asarray(rng.uniform(size=(2, 28, 28, 3)).astype(F32))
-        y = q(x)
+        y = _fwd(q, x)
         p.eval()
-        ref = p(x)
+        ref = _fwd(p, x)
         p.train()
         assert y.shape == (2, 2) and np.all(np.isfinite(np.asarray(y)))
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=0.05)
