@@ -7,8 +7,9 @@ Counterparts: ``torch.ao.quantization`` eager mode (``QuantStub``, ``prepare``,
     from flax import nnx
     import jquant as jq, jquant.nnx as jqn
 
-    model = jqn.fuse_modules_qat(model, [["conv", "bn", "relu"]])
-    qmodel = jqn.prepare_qat(model, jq.get_default_qat_qconfig("x86"))
+    # ReLUs held as attributes (self.act = nnx.relu) fuse exactly as torch's ReLU modules
+    qmodel = jqn.prepare_qat(model, jq.get_default_qat_qconfig("x86"),
+                             fuse=[("conv", "bn", "act")])
     optimizer = nnx.Optimizer(qmodel, optax.sgd(0.01), wrt=nnx.Param)
 
     @nnx.jit
@@ -20,10 +21,12 @@ Counterparts: ``torch.ao.quantization`` eager mode (``QuantStub``, ``prepare``,
     jq.disable_observer(qmodel)               # in place on NNX modules
     jqn.freeze_bn_stats(qmodel)
 
-Observer / fake-quant state lives in :class:`QuantStat` Variables (learnable scales in
-:class:`QuantParam`, an ``nnx.Param``) inside :class:`PostProcess` children named like
-torch's (``weight_fake_quant``, ``activation_post_process``), so ``nnx.state`` /
-``nnx.split`` / orbax / ``flax.serialization`` checkpoint it with the parameters.
+Observer / fake-quant state lives in :class:`PostProcess` children named like torch's
+(``weight_fake_quant``, ``activation_post_process``): the core state NamedTuple in a
+:class:`QuantStat` Variable ``buffers`` (learnable scales / zero points in
+:class:`QuantParam`, an ``nnx.Param``), so ``nnx.state`` / ``nnx.split`` / orbax /
+``flax.serialization`` checkpoint it with the parameters; :func:`get_observer_state_dict`
+gives torch's keys. Layer paths and parameter names stay those of the float model.
 """
 from jquant.nnx._state import PostProcess, QuantParam, QuantStat
 from jquant.nnx.modules import (ConvBn, ConvBnReLU, ConvReLU, DeQuantStub, EmbeddingBag, Identity,
