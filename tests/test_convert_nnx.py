@@ -215,3 +215,23 @@ def test_qat_convert_after_each_epoch():
         assert y.shape == (2, 2) and np.all(np.isfinite(np.asarray(y)))
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=0.05)
     assert isinstance(p.conv1, jqn.modules.QATConvBnReLU)
+
+
+@pytest.mark.parametrize("nd", [1, 3])
+def test_conv_1d_3d_convert(nd):
+    r = nnx.Rngs(0)
+    k = (3,) * nd
+    model = nnx.Sequential(jqn.QuantStub(), nnx.Conv(2, 4, k, padding="SAME", rngs=r),
+                           nnx.Conv(4, 3, k, strides=2, padding="VALID", rngs=r),
+                           jqn.DeQuantStub())
+    p = jqn.prepare_qat(model, jq.get_default_qat_qconfig("qnnpack"))
+    shape = (2,) + ((7,) if nd == 1 else (5, 5, 5)) + (2,)
+    for s in range(2):
+        _fwd(p, _x(shape, s))
+    jq.disable_observer(p)
+    ref = _fwd(p, _x(shape, 5))
+    q = jqn.convert(p, backend="qnnpack")
+    y = _fwd(q, _x(shape, 5))
+    step = float(q.layers[2].scale[...])
+    assert y.shape == ref.shape
+    assert np.mean(np.abs(np.asarray(y) - np.asarray(ref)) <= step * 1.001) >= 0.9
