@@ -29,6 +29,26 @@ def _np(a):
     return np.asarray(a)
 
 
+def init(model, *args):
+    """``model.init`` under jit (eager Flax runs every small op on its own: slow)."""
+    return jax.jit(model.init)(KEY, *args)
+
+
+_JITTED = {}
+
+
+def run(model, variables, *args, mutable=("quant_stats",)):
+    """``model.apply(variables, *args, mutable=...)`` under jit (one compile per model and
+    ``mutable``); ``mutable=()``: frozen evaluation."""
+    key = (model, tuple(mutable))
+    if key not in _JITTED:
+        if not mutable:
+            _JITTED[key] = jax.jit(lambda v, *a: model.apply(v, *a))
+        else:
+            _JITTED[key] = jax.jit(lambda v, *a: model.apply(v, *a, mutable=list(mutable)))
+    return _JITTED[key](variables, *args)
+
+
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -58,7 +78,7 @@ def test_prepare_qat_keeps_param_names_and_adds_quant_stats():
     x = jnp.ones((2, 5))
     float_vars = MLP().init(KEY, x)
     qm = jl.prepare_qat(MLP(), jq.get_default_qat_qconfig("x86"))
-    v = qm.init(KEY, x)
+    v = init(qm, x)
     assert jax.tree.structure(v["params"]) == jax.tree.structure(float_vars["params"])
     for path in ("Dense_0", "Dense_1"):
         st = v["quant_stats"][path]
@@ -67,7 +87,7 @@ def test_prepare_qat_keeps_param_names_and_adds_quant_stats():
     # per-channel weight state is sized by output channels (torch layout)
     assert v["quant_stats"]["Dense_0"]["weight_fake_quant"].scale.shape == (8,)
     # the float params load into the prepared model unchanged
-    y = qm.apply({**v, "params": float_vars["params"]}, x)
+    y = run(qm, {**v, "params": float_vars["params"]}, x, mutable=())
     assert y.shape == (2, 3)
 
 
@@ -82,7 +102,7 @@ def test_stubs_are_identities_when_unprepared():
     ref = nn.Dense(3).apply({"params": v["params"]["Dense_0"]}, x)
     np.testing.assert_array_equal(M().apply(v, x), ref)
     w = jl.QuantWrapper(MLP())
-    vw = w.init(KEY, x)
+    vw = init(w, x)
     np.testing.assert_array_equal(w.apply(vw, x), MLP().apply({"params": vw["params"]["module"]}, x))
 
 
@@ -92,7 +112,7 @@ def test_qconfig_spec_regex_type_none_and_unmatched_warning():
             "head": None, "nothere": qc, nn.Conv: qc}
     qm = jl.prepare_qat(Nested(), spec)
     with pytest.warns(UserWarning, match="'nothere'.*Conv"):
-        v = qm.init(KEY, jnp.ones((2, 3)))
+        v = init(qm, jnp.ones((2, 3)))
     reg = qm.plan.registry
     assert set(reg) == {"block.inner"}   # root Nested has no layer; ln and head are float
     assert reg["block.inner"]["weight_fake_quant"].qscheme == jq.per_tensor_symmetric  # qnnpack
@@ -101,14 +121,14 @@ def test_qconfig_spec_regex_type_none_and_unmatched_warning():
     # warns once per prepared model
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        qm.apply(v, jnp.ones((2, 3)))
+        run(qm, v, jnp.ones((2, 3)), mutable=())
 
 
 def test_qconfig_spec_priority_path_over_type_over_parent():
     x86, qnn = jq.get_default_qat_qconfig("x86"), jq.get_default_qat_qconfig("qnnpack")
     spec = {"": x86, nn.Dense: qnn, "head": x86}
     qm = jl.prepare_qat(Nested(), spec)
-    qm.init(KEY, jnp.ones((2, 3)))
+    init(qm, jnp.ones((2, 3)))
     reg = qm.plan.registry
     assert reg["block.inner"]["weight_fake_quant"].qscheme == jq.per_tensor_symmetric  # type
     assert reg["head"]["weight_fake_quant"].qscheme == jq.per_channel_symmetric        # path
@@ -128,7 +148,7 @@ def test_invalid_fuse_and_model_raise_value_error():
         jl.prepare_qat(nn.relu, jq.default_qat_qconfig)
     qm = jl.prepare_qat(MLP(), jq.default_qat_qconfig, fuse=[("Dense_0", "BatchNorm_0")])
     with pytest.raises(ValueError, match="BatchNorm"):
-        qm.init(KEY, jnp.ones((2, 3)))
+        init(qm, jnp.ones((2, 3)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,7 +172,7 @@ def test_conv_qat_matches_torch_nnqat(nd):
     x = rng.standard_normal((2, 2) + spatial + (cin,)).astype(np.float32)
     conv = nn.Conv(cout, (k,) * nd, padding=1)
     qm = jl.prepare_qat(conv, qc)
-    v = qm.init(KEY, jnp.asarray(x[0]))
+    v = init(qm, jnp.asarray(x[0]))
     tcls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[nd]
     tconv = tcls(cin, cout, k, padding=1)
     with torch.no_grad():
@@ -165,7 +185,7 @@ def test_conv_qat_matches_torch_nnqat(nd):
     perm_in = (0, nd + 1) + tuple(range(1, nd + 1))
     perm_out = (0,) + tuple(range(2, nd + 2)) + (1,)
     for s in range(2):
-        y, upd = qm.apply(v, jnp.asarray(x[s]), mutable=["quant_stats"])
+        y, upd = run(qm, v, jnp.asarray(x[s]))
         v = {**v, **upd}
         yt = t_act(tq_conv(torch.from_numpy(x[s].transpose(perm_in).copy())))
         yt = yt.detach().numpy().transpose(perm_out)
@@ -180,7 +200,7 @@ def test_dense_qat_matches_torch_nnqat_and_grads():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 6)).astype(np.float32)
     qm = jl.prepare_qat(nn.Dense(4), jq.get_default_qat_qconfig("qnnpack", version=0))
-    v = qm.init(KEY, jnp.asarray(x))
+    v = init(qm, jnp.asarray(x))
     lin = torch.nn.Linear(6, 4)
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(tm.dense_kernel_to_torch(v["params"]["kernel"])))
@@ -190,9 +210,9 @@ def test_dense_qat_matches_torch_nnqat_and_grads():
     tact = lin.qconfig.activation()
 
     def f(params):
-        y, upd = qm.apply({**v, "params": params}, jnp.asarray(x), mutable=["quant_stats"])
+        y, upd = run(qm, {**v, "params": params}, jnp.asarray(x))
         return jnp.sum(y * jnp.arange(4.0)), (y, upd)
-    (_, (y, upd)), g = jax.value_and_grad(f, has_aux=True)(v["params"])
+    (_, (y, upd)), g = jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"])
     xt = torch.from_numpy(x)
     yt = tact(tl(xt))
     (yt * torch.arange(4.0)).sum().backward()
@@ -212,9 +232,9 @@ def test_embed_and_embedding_bag_qat_match_torch(qconfig_name):
     idx = rng.integers(0, 10, (5, 4))
     # Embed (flax's own module, mapped by prepare_qat)
     qm = jl.prepare_qat(nn.Embed(10, 12), jqc)
-    v = qm.init(KEY, jnp.asarray(idx))
+    v = init(qm, jnp.asarray(idx))
     v = {**v, "params": {"embedding": jnp.asarray(table)}}
-    y, upd = qm.apply(v, jnp.asarray(idx), mutable=["quant_stats"])
+    y, upd = run(qm, v, jnp.asarray(idx))
     temb = torch.nn.Embedding(10, 12)
     with torch.no_grad():
         temb.weight.copy_(torch.from_numpy(table))
@@ -227,8 +247,8 @@ def test_embed_and_embedding_bag_qat_match_torch(qconfig_name):
     offsets = np.array([0, 3, 3, 8, 12])
     bag = jl.EmbeddingBag(10, 12, mode="sum", include_last_offset=True, qconfig=jqc)
     vb = {"params": {"embedding": jnp.asarray(table)},
-          "quant_stats": bag.init(KEY, jnp.asarray(flat), jnp.asarray(offsets))["quant_stats"]}
-    yb, _ = bag.apply(vb, jnp.asarray(flat), jnp.asarray(offsets), mutable=["quant_stats"])
+          "quant_stats": init(bag, jnp.asarray(flat), jnp.asarray(offsets))["quant_stats"]}
+    yb, _ = run(bag, vb, jnp.asarray(flat), jnp.asarray(offsets))
     tb = torch.nn.EmbeddingBag(10, 12, mode="sum", include_last_offset=True)
     with torch.no_grad():
         tb.weight.copy_(torch.from_numpy(table))
@@ -241,10 +261,10 @@ def test_embed_and_embedding_bag_qat_match_torch(qconfig_name):
 def test_embed_qat_rejects_non_float_qparams_weight():
     m = jl.Embed(10, 4, qconfig=jq.default_qat_qconfig)
     with pytest.raises(ValueError, match="float_qparams"):
-        m.init(KEY, jnp.zeros((2,), jnp.int32))
+        init(m, jnp.zeros((2,), jnp.int32))
     # via prepare_qat a non-embedding qconfig leaves the table float (torch's default mapping)
     qm = jl.prepare_qat(nn.Embed(10, 4), jq.default_qat_qconfig)
-    v = qm.init(KEY, jnp.zeros((2,), jnp.int32))
+    v = init(qm, jnp.zeros((2,), jnp.int32))
     assert "weight_fake_quant" not in v["quant_stats"]
 
 
@@ -297,11 +317,11 @@ def test_embedding_bag_qat_config():
     idx = jnp.asarray(np.random.default_rng(0).integers(0, 10, (5, 12)))
     for qconfig in (jq.default_embedding_qat_qconfig, jq.default_embedding_qat_qconfig_4bit):
         qm = jl.prepare_qat(EmbBagPair(), qconfig)
-        v = qm.init(KEY, idx)
+        v = init(qm, idx)
         d = jl.get_observer_dict(qm, v)
         wfq = {k: b for k, b in d.items() if k.endswith("weight_fake_quant")}
         assert len(wfq) == 2 and all(type(b.config) is jq.FakeQuantize for b in wfq.values())
-        y, upd = qm.apply(v, idx, mutable=["quant_stats"])
+        y, upd = run(qm, v, idx)
         assert y.shape == (10, 12)
         for e in ("emb1", "emb2"):
             st = upd["quant_stats"][e]["weight_fake_quant"]
@@ -325,7 +345,7 @@ def test_embedding_qat_config():
     idx = jnp.asarray(np.random.default_rng(0).integers(0, 10, (5, 12)))
     for backend in ("x86", "qnnpack"):
         qm = jl.prepare_qat(DeFusedEmbeddingBagLinear(), jq.get_default_qat_qconfig(backend))
-        v = qm.init(KEY, idx)
+        v = init(qm, idx)
         d = jl.get_observer_dict(qm, v)
         wfq = [k for k in d if k.endswith("weight_fake_quant")]
         app = [k for k in d if k.endswith("activation_post_process")]
@@ -335,7 +355,7 @@ def test_embedding_qat_config():
         assert type(d["emb.activation_post_process"].config) is jq.NoopObserver
         assert type(d["linear.weight_fake_quant"].config) is jq.FusedMovingAvgObsFakeQuantize
         assert type(d["linear.activation_post_process"].config) is jq.FusedMovingAvgObsFakeQuantize
-        y, _ = qm.apply(v, idx, mutable=["quant_stats"])
+        y, _ = run(qm, v, idx)
         assert y.shape == (5, 12, 1)
     # the torch twin counts the same
     tqm = tq.prepare_qat(tm.defused_embedding_bag_linear(),
@@ -357,8 +377,8 @@ def test_default_fused_qat_config():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2)), jnp.float32)
     for backend in ("fbgemm", "qnnpack"):
         qm = jl.prepare_qat(jl.QuantWrapper(LinearReLU()), jq.get_default_qat_qconfig(backend, version=1))
-        v = qm.init(KEY, x)
-        _, upd = qm.apply(v, x, mutable=["quant_stats"])
+        v = init(qm, x)
+        _, upd = run(qm, v, x)
         d = jl.get_observer_dict(qm, {**v, **upd})
         fq = {k: b for k, b in d.items() if k.endswith(("weight_fake_quant", "activation_post_process"))}
         assert len(fq) == 3
@@ -377,11 +397,11 @@ def test_fake_quant_and_observers_preserve_state_structure():
     for qm in (jl.prepare_qat(MLP(), jq.default_qat_qconfig),
                jl.prepare(MLP(), jq.QConfig(activation=jq.MovingAverageMinMaxObserver.with_args(dtype=jq.qint8),
                                             weight=jq.default_weight_observer))):
-        v = qm.init(KEY, x)
+        v = init(qm, x)
         spec = jax.tree.map(lambda a: (a.shape, a.dtype), v["quant_stats"])
         qs = v["quant_stats"]
         for _ in range(5):
-            _, upd = qm.apply({**v, "quant_stats": qs}, x, mutable=["quant_stats"])
+            _, upd = run(qm, {**v, "quant_stats": qs}, x)
             qs = upd["quant_stats"]
         for fn in (jq.enable_fake_quant, jq.disable_fake_quant, jq.enable_observer, jq.disable_observer):
             qs = fn(qs)
@@ -392,17 +412,17 @@ def test_fake_quant_and_observers_preserve_state_structure():
 def test_disable_observer_and_fake_quant_over_variables():
     x = jax.random.normal(KEY, (4, 5))
     qm = jl.prepare_qat(MLP(), jq.get_default_qat_qconfig("x86"))
-    v = qm.init(KEY, x)
-    _, upd = qm.apply(v, x, mutable=["quant_stats"])
+    v = init(qm, x)
+    _, upd = run(qm, v, x)
     v = {**v, **upd}
     frozen = jq.disable_observer(v)
-    _, upd2 = qm.apply(frozen, 3 * x, mutable=["quant_stats"])
+    _, upd2 = run(qm, frozen, 3 * x)
     for a, b in zip(jax.tree.leaves(upd2["quant_stats"]), jax.tree.leaves(frozen["quant_stats"])):
         np.testing.assert_array_equal(_np(a), _np(b))
     no_fq = jq.disable_fake_quant(jq.disable_observer(v))
-    np.testing.assert_array_equal(_np(qm.apply(no_fq, x)), _np(MLP().apply({"params": v["params"]}, x)))
+    np.testing.assert_array_equal(_np(run(qm, no_fq, x, mutable=())), _np(MLP().apply({"params": v["params"]}, x)))
     # eval with quant_stats immutable: stored qparams, nothing observed, same as frozen
-    np.testing.assert_array_equal(_np(qm.apply(v, 3 * x)), _np(qm.apply(frozen, 3 * x)))
+    np.testing.assert_array_equal(_np(run(qm, v, 3 * x, mutable=())), _np(run(qm, frozen, 3 * x, mutable=())))
 
 
 class SingleLayerLinear(nn.Module):
@@ -415,18 +435,18 @@ def test_record_observer():
     """Seed test_record_observer: RecordingObserver records every calibration batch."""
     calib = [jax.random.normal(jax.random.key(i), (3, 5)) for i in range(4)]
     qm = jl.prepare(jl.QuantWrapper(SingleLayerLinear()), jq.default_debug_qconfig)
-    v = qm.init(KEY, calib[0])
+    v = init(qm, calib[0])
     qs = v["quant_stats"]
     for _ in range(2):
         for xb in calib:
-            _, upd = qm.apply({**v, "quant_stats": qs}, xb, mutable=["quant_stats"])
+            _, upd = run(qm, {**v, "quant_stats": qs}, xb)
             qs = upd["quant_stats"]
     d = jl.get_observer_dict(qm, {**v, "quant_stats": qs})
     key = "module.fc1.activation_post_process"
     assert key in d, "observer is not recorded in the dict"
     rec = d[key].get_tensor_value()
     assert len(rec) == 2 * len(calib)
-    np.testing.assert_array_equal(_np(rec[0]), _np(qm.apply({**v, "quant_stats": qs}, calib[0])))
+    np.testing.assert_array_equal(_np(rec[0]), _np(run(qm, {**v, "quant_stats": qs}, calib[0], mutable=())))
 
 
 def test_save_load_observer_state_dict():
@@ -435,13 +455,13 @@ def test_save_load_observer_state_dict():
     for obs in (jq.MinMaxObserver, jq.MovingAverageMinMaxObserver, jq.HistogramObserver):
         qconfig = jq.QConfig(activation=jq.default_observer, weight=obs)
         qm = jl.prepare(SingleLayerLinear(), {"": qconfig})
-        v = qm.init(KEY, x)
-        _, upd = qm.apply(v, x, mutable=["quant_stats"])
+        v = init(qm, x)
+        _, upd = run(qm, v, x)
         v1 = {**v, **upd}
         sd = jl.get_observer_state_dict(qm, v1)
         assert "fc1.activation_post_process.min_val" in sd
         qm2 = jl.prepare(SingleLayerLinear(), {"": qconfig})
-        v2 = qm2.init(KEY, x)
+        v2 = init(qm2, x)
         v2 = jl.load_observer_state_dict(qm2, v2, sd)
         for a, b in zip(jax.tree.leaves(v2["quant_stats"]), jax.tree.leaves(v1["quant_stats"])):
             np.testing.assert_array_equal(_np(a), _np(b))
@@ -477,7 +497,7 @@ def test_freeze_bn_stats_matches_torch():
     xs = rng.standard_normal((6, 4, 5, 5, 2)).astype(np.float32)
     qm = jl.prepare_qat(ConvBN(), jq.get_default_qat_qconfig("x86"), fuse=[("conv", "bn")],
                         bn_unbiased_running_var=True)
-    v = qm.init(KEY, jnp.asarray(xs[0]))
+    v = init(qm, jnp.asarray(xs[0]))
     conv, bn = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(tm.conv_kernel_to_torch(v["params"]["conv"]["kernel"])))
@@ -516,7 +536,7 @@ def test_dense_bn_fusion_matches_torch_linearbn1d():
     xs = rng.standard_normal((3, 8, 6)).astype(np.float32)
     qm = jl.prepare_qat(DenseBN(), jq.get_default_qat_qconfig("qnnpack"), fuse=[("fc", "bn")],
                         bn_unbiased_running_var=True)
-    v = qm.init(KEY, jnp.asarray(xs[0]))
+    v = init(qm, jnp.asarray(xs[0]))
     lin, bn = torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(tm.dense_kernel_to_torch(v["params"]["fc"]["kernel"])))
@@ -526,7 +546,7 @@ def test_dense_bn_fusion_matches_torch_linearbn1d():
     tq.prepare_qat(tmodel, inplace=True)
     assert type(tmodel[0]).__name__ == "LinearBn1d"
     for s in range(3):
-        y, upd = qm.apply(v, jnp.asarray(xs[s]), mutable=["quant_stats", "batch_stats"])
+        y, upd = run(qm, v, jnp.asarray(xs[s]), mutable=("quant_stats", "batch_stats"))
         v = {**v, **upd}
         yt = tmodel(torch.from_numpy(xs[s])).detach().numpy()
         np.testing.assert_allclose(_np(y), yt, rtol=1e-5, atol=1e-5)
@@ -539,14 +559,14 @@ def test_data_parallel_bn_and_observers_match_global_batch():
     x = jax.random.normal(KEY, (8, 5, 5, 2))
     qc = jq.get_default_qat_qconfig("x86")
     single = jl.prepare_qat(ConvBN(), qc, fuse=[("conv", "bn")])
-    v = single.init(KEY, x)
-    y1, upd1 = single.apply(v, x, mutable=["quant_stats", "batch_stats"])
+    v = init(single, x)
+    y1, upd1 = run(single, v, x, mutable=("quant_stats", "batch_stats"))
     dp = jl.prepare_qat(ConvBN(axis_name="data"), qc, fuse=[("conv", "bn")], axis_name="data")
-    dp.init(KEY, x)  # learns the fused BatchNorm's settings
+    init(dp, x)  # learns the fused BatchNorm's settings
 
     def shard_step(xs):
         return dp.apply(v, xs, mutable=["quant_stats", "batch_stats"])
-    ys, upds = jax.vmap(shard_step, axis_name="data")(x.reshape(4, 2, 5, 5, 2))
+    ys, upds = jax.jit(jax.vmap(shard_step, axis_name="data"))(x.reshape(4, 2, 5, 5, 2))
     np.testing.assert_allclose(_np(ys).reshape(y1.shape), _np(y1), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(upds), jax.tree.leaves(upd1)):
         a = _np(a)
@@ -555,7 +575,7 @@ def test_data_parallel_bn_and_observers_match_global_batch():
         np.testing.assert_allclose(a[0], _np(b), rtol=1e-6, atol=1e-7)
     # a BatchNorm left unfused keeps its own qconfig-driven observer (test_syncbn_preserves_qconfig)
     unf = jl.prepare_qat(ConvBN(axis_name="data"), qc)
-    vv = unf.init(KEY, x)
+    vv = init(unf, x)
     assert "activation_post_process" in vv["quant_stats"]["bn"]
 
 
@@ -576,8 +596,8 @@ def test_apply_without_init_traces_fused_settings():
     fresh = jl.prepare_qat(ConvBN(), jq.default_qat_qconfig, fuse=[("conv", "bn")])
     a = jax.jit(lambda v, x: fresh.apply(v, x, mutable=["quant_stats", "batch_stats"]))(v, x)[0]
     b = jl.prepare_qat(ConvBN(), jq.default_qat_qconfig, fuse=[("conv", "bn")])
-    b.init(KEY, x)
-    np.testing.assert_array_equal(_np(a), _np(b.apply(v, x, mutable=["quant_stats", "batch_stats"])[0]))
+    init(b, x)
+    np.testing.assert_array_equal(_np(a), _np(run(b, v, x, mutable=("quant_stats", "batch_stats"))[0]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -594,10 +614,10 @@ def test_learnable_fake_quantize_params_train_and_survive_checkpoint():
     qm = jl.prepare_qat(MLP(), jq.QConfig(activation=lsq, weight=wlsq))
     x = jax.random.normal(KEY, (16, 5))
     y = jax.random.randint(KEY, (16,), 0, 3)
-    v = qm.init(KEY, x)
+    v = init(qm, x)
     assert set(v["params"]["Dense_0"]) == {"kernel", "bias", "weight_fake_quant", "activation_post_process"}
     # static estimation first (observer), then learning starts from the observed qparams
-    _, upd = qm.apply(v, x, mutable=["quant_stats"])
+    _, upd = run(qm, v, x)
     v = jl.enable_param_learning({**v, **upd})
     s0 = float(v["params"]["Dense_0"]["activation_post_process"]["scale"][0])
     np.testing.assert_allclose(s0, float(v["quant_stats"]["Dense_0"]["activation_post_process"].scale[0]))
@@ -607,7 +627,7 @@ def test_learnable_fake_quantize_params_train_and_survive_checkpoint():
     @jax.jit
     def step(v, opt):
         def loss(p):
-            out, upd = qm.apply({**v, "params": p}, x, mutable=["quant_stats"])
+            out, upd = run(qm, {**v, "params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), upd
         (l, upd), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
         u, opt = tx.update(g, opt, v["params"])
@@ -640,14 +660,14 @@ def test_mixed_precision_keeps_dtypes(dtype):
             return nn.Dense(3, dtype=dtype, name="fc")(x.reshape(x.shape[0], -1))
     x = jax.random.normal(KEY, (2, 5, 5, 3)).astype(dtype)
     qm = jl.prepare_qat(M(), jq.get_default_qat_qconfig("x86"), fuse=[("conv", "bn", "relu")])
-    v = qm.init(KEY, x)
-    y, upd = qm.apply(v, x, mutable=["quant_stats", "batch_stats"])
+    v = init(qm, x)
+    y, upd = run(qm, v, x, mutable=("quant_stats", "batch_stats"))
     assert y.dtype == dtype
     st = upd["quant_stats"]["fc"]["activation_post_process"]
     assert st.scale.dtype == jnp.float32 and st.activation_post_process.min_val.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(st.scale)))
-    g = jax.grad(lambda p: jnp.sum(qm.apply({**v, "params": p}, x, mutable=["quant_stats", "batch_stats"])[0]
-                                   .astype(jnp.float32)))(v["params"])
+    g = jax.jit(jax.grad(lambda p: jnp.sum(qm.apply({**v, "params": p}, x, mutable=["quant_stats", "batch_stats"])[0]
+                                           .astype(jnp.float32))))(v["params"])
     assert g["conv"]["kernel"].dtype == dtype
 
 
@@ -655,7 +675,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     from flax import serialization
     qm = jl.prepare_qat(ConvBN(), jq.get_default_qat_qconfig("x86"), fuse=[("conv", "bn")])
     xs = jax.random.normal(KEY, (6, 4, 5, 5, 2))
-    v = qm.init(KEY, xs[0])
+    v = init(qm, xs[0])
     tx = optax.adam(1e-2)
 
     @jax.jit
@@ -663,7 +683,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         v, opt = state
 
         def loss(p):
-            out, upd = qm.apply({**v, "params": p}, x, mutable=["quant_stats", "batch_stats"])
+            out, upd = run(qm, {**v, "params": p}, x, mutable=("quant_stats", "batch_stats"))
             return jnp.mean(out ** 2), upd
         (_, upd), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
         u, opt = tx.update(g, opt, v["params"])
@@ -677,7 +697,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         state = step(state, xs[s])
     path = tmp_path / "ckpt.msgpack"
     path.write_bytes(serialization.to_bytes(state))
-    template = (qm.init(KEY, xs[0]), tx.init(v["params"]))
+    template = (init(qm, xs[0]), tx.init(v["params"]))
     resumed = serialization.from_bytes(template, path.read_bytes())
     for s in range(3, 6):
         resumed = step(resumed, xs[s])
@@ -689,7 +709,7 @@ def test_ptq_prepare_calibration_matches_torch_observers():
     rng = np.random.default_rng(9)
     calib = [rng.standard_normal((4, 6)).astype(np.float32) * (i + 1) for i in range(3)]
     qm = jl.prepare(jl.QuantWrapper(SingleLayerLinear()), jq.default_qconfig)
-    v = qm.init(KEY, jnp.asarray(calib[0]))
+    v = init(qm, jnp.asarray(calib[0]))
     assert "weight_fake_quant" not in v["quant_stats"]["module"]["fc1"]   # weights: at convert
     lin = torch.nn.Linear(6, 5)
     with torch.no_grad():
@@ -700,7 +720,7 @@ def test_ptq_prepare_calibration_matches_torch_observers():
     tprep = tq.prepare(twrap)
     qs = v["quant_stats"]
     for xb in calib:
-        y, upd = qm.apply({**v, "quant_stats": qs}, jnp.asarray(xb), mutable=["quant_stats"])
+        y, upd = run(qm, {**v, "quant_stats": qs}, jnp.asarray(xb))
         qs = upd["quant_stats"]
         yt = tprep(torch.from_numpy(xb))
         np.testing.assert_allclose(_np(y), yt.detach().numpy(), rtol=1e-6, atol=1e-6)
@@ -720,8 +740,8 @@ def test_ptq_prepare_calibration_matches_torch_observers():
 def test_ptq_default_qconfig_histogram_calibration_runs():
     x = jax.random.normal(KEY, (8, 5))
     qm = jl.prepare(MLP(), jq.get_default_qconfig("x86"))
-    v = qm.init(KEY, x)
-    _, upd = qm.apply(v, x, mutable=["quant_stats"])
+    v = init(qm, x)
+    _, upd = run(qm, v, x)
     d = jl.get_observer_dict(qm, {**v, **upd})
     assert type(d["Dense_0.activation_post_process"].config) is jq.HistogramObserver
     s, z = d["Dense_0.activation_post_process"].calculate_qparams()
