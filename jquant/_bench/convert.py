@@ -7,7 +7,7 @@ For each layer and size, four timings (median of jitted calls):
   :class:`~jquant.quantized.QTensor` (int8 x int8 -> int32 accumulation, fbgemm
   requantization), i.e. what a converted module runs;
 * torch float and torch quantized (``nnq.Linear`` / ``nnq.Conv2d`` on a quint8 tensor,
-  x86 engine) for context.
+  x86 engine, one intra-op thread — see :data:`TORCH_THREADS`) for context.
 
 Rows: ``jquant ms`` is jquant's time, ``torch ms`` torch's for the same op; the note gives
 int8/float time ratios for jquant and torch and the weight bytes (float32 vs the packed
@@ -25,15 +25,27 @@ import jquant as jq
 from jquant import quantized as Q
 from jquant._bench import Context, Row, copy_time, timeit
 
+#: torch runs its ops with one intra-op thread here: on a shared 2-core box its 2-thread
+#: OpenMP regions wait for a second core for whole scheduler slices (tens of ms per call
+#: were measured for a 64x256x256 Linear), which times the machine, not the kernel.
+TORCH_THREADS = 1
+
 DENSE = [(256, 1024, 1024), (64, 256, 256)]          # batch, in, out
 CONV = [(32, 32, 64, 64), (8, 16, 16, 32)]          # batch, hw, in, out (3x3, SAME)
 
 
 def _torch_engine(torch):
-    eng = torch.backends.quantized.engine
+    """x86 engine, one intra-op thread; returns what to restore."""
+    old = (torch.backends.quantized.engine, torch.get_num_threads())
     if "x86" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "x86"
-    return eng
+    torch.set_num_threads(TORCH_THREADS)
+    return old
+
+
+def _restore(torch, old):
+    torch.backends.quantized.engine = old[0]
+    torch.set_num_threads(old[1])
 
 
 def _dense(ctx, batch, din, dout, rng):
@@ -67,7 +79,7 @@ def _dense(ctx, batch, din, dout, rng):
                 txq = torch.quantize_per_tensor(tx, sx, int(xq.zero_point), torch.quint8)
                 tt_int = timeit(lambda: qlin(txq), ctx)
         finally:
-            torch.backends.quantized.engine = old
+            _restore(torch, old)
     label = f"{batch}x{din}->{dout}"
     return _rows("Dense", label, t_float, t_int, tt_float, tt_int, w.nbytes + b.nbytes,
                  Q.param_bytes(p), copy_time(batch * dout, ctx))
@@ -109,7 +121,7 @@ def _conv(ctx, batch, hw, cin, cout, rng):
                 txq = torch.quantize_per_tensor(tx, sx, int(xq.zero_point), torch.quint8)
                 tt_int = timeit(lambda: qconv(txq), ctx)
         finally:
-            torch.backends.quantized.engine = old
+            _restore(torch, old)
     label = f"{batch}x{hw}x{hw}x{cin}->{cout} 3x3"
     return _rows("Conv2d", label, t_float, t_int, tt_float, tt_int, w.nbytes + b.nbytes,
                  Q.param_bytes(p), copy_time(batch * hw * hw * cout, ctx))
@@ -120,7 +132,7 @@ def _ratio(a, b):
 
 
 def _rows(name, label, t_float, t_int, tt_float, tt_int, fbytes, qbytes, copy_ms):
-    note = (f"int8/float: jquant {_ratio(t_int, t_float)}, torch {_ratio(tt_int, tt_float)}; "
+    note = (f"int8/float: jquant {_ratio(t_int, t_float)}, torch(1 thr) {_ratio(tt_int, tt_float)}; "
             f"weights {fbytes} B float32 -> {qbytes} B int8 ({fbytes / qbytes:.2f}x)")
     return [Row(f"{name} float fwd", label, t_float, tt_float, copy_ms),
             Row(f"{name} int8 (converted) fwd", label, t_int, tt_int, copy_ms, note)]
