@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import re
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -404,14 +402,11 @@ def _bn_scale_factor(entry: FuseEntry, trace: Trace):
     if stats is None or "var" not in stats:
         raise ValueError(f"fuse: {entry.bn} has no batch_stats 'var'; is it a flax BatchNorm?")
     if entry.bn not in plan.bn_eps:
-        raise _NeedDiscovery(entry.bn)
+        raise RuntimeError(f"fuse: the settings of BatchNorm {entry.bn} are unknown; call "
+                           f"model.init (or jax.eval_shape(model.init, ...)) once first")
     eps = plan.bn_eps[entry.bn]
     gamma = params.get("scale") if params is not None else None
     return layers.bn_scale_factor(gamma, stats["var"], eps)
-
-
-class _NeedDiscovery(Exception):
-    """A fused BatchNorm's hyperparameters are unknown until the model is traced once."""
 
 
 def _bn_call_args(m, args, kwargs):
@@ -553,6 +548,8 @@ def intercept(next_fun, args, kwargs, context):
             raise ValueError(f"fuse: {path} is a {type(m).__name__}, expected flax BatchNorm")
         return call_fused_bn(m, pend, args, kwargs, trace)
     kind = kind_of(m)
+    if path in plan.by_layer:
+        plan.fused_seen.add(path)
     if path in plan.by_layer and kind not in ("dense", "conv"):
         raise ValueError(f"fuse: {path} is a {type(m).__name__}; only Dense and Conv fuse")
     if kind is None:
@@ -592,10 +589,3 @@ def run_prepared(module, fn, *args, **kwargs):
         raise ValueError(f"fuse: these fused layers were not followed by their BatchNorm: {names}")
     plan.warn_unmatched_once()
     return out
-
-
-def warn(msg):
-    warnings.warn(msg, UserWarning, stacklevel=3)
-
-
-_ = re  # re is used by callers through layers.QConfigSpec
