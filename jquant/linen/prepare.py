@@ -26,7 +26,9 @@ class PreparedModel(nn.Module):
     ``__call__`` forwards to ``model``; :meth:`call_method` runs another of its methods.
     Update the observers / fake quants by passing ``mutable=["quant_stats", ...]`` to
     ``apply`` (as with ``batch_stats``); with ``quant_stats`` immutable the stored state is
-    used and nothing is observed.
+    used and nothing is observed (torch keeps observing in ``eval()`` unless observers
+    are disabled; Flax cannot write an immutable collection). ``init`` creates the state
+    without observing its input (like torch's ``prepare``), so its forward is float.
     """
     model: nn.Module
     plan: Any
