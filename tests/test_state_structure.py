@@ -168,7 +168,12 @@ def test_observer_state_carried_through_scan_and_fori_loop(name):
     jax.tree.map(np.testing.assert_array_equal, fori, looped)
 
 
-@pytest.mark.parametrize("name", sorted(FAKE_QUANTS))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in {"FakeQuantize", "default_per_channel_weight_fake_quant",
+                                      "default_fused_per_channel_wt_fake_quant",
+                                      "default_fixed_qparams_range_neg1to1_fake_quant",
+                                      "LearnableFakeQuantize"} else pytest.mark.slow)
+    for n in sorted(FAKE_QUANTS)])
 def test_fake_quant_state_carried_through_scan_and_fori_loop(name):
     fq = FAKE_QUANTS[name]()
     state0 = fq.init(BATCHES[0])
