@@ -167,3 +167,27 @@ def isolate(f, *args):
     Elsewhere (and under ``vmap`` with a batched predicate) it is a plain call.
     """
     return lax.platform_dependent(*args, cpu=functools.partial(_isolate_cpu, f), default=f)
+
+
+@jax.custom_vjp
+def select_flag(pred, on, off):
+    """``where(pred, on, off)`` for a run-time flag, with signed-zero-exact gradients.
+
+    ``jnp.where``'s cotangents are ``+0.0`` on the unselected side; when ``on`` and ``off``
+    both depend on ``x`` (``y = where(fake_quant_on, fq(x), x)``), ``x``'s cotangent is
+    their sum and a ``-0.0`` from ``fq`` (torch's ``dY * mask``) becomes ``+0.0``. Here the
+    unselected side gets ``-0.0``, the additive identity, so the sum is exact.
+    """
+    return jnp.where(pred, on, off)
+
+
+def _select_flag_fwd(pred, on, off):
+    return jnp.where(pred, on, off), pred
+
+
+def _select_flag_bwd(pred, g):
+    neg0 = jnp.full((), -0.0, g.dtype)
+    return None, jnp.where(pred, g, neg0), jnp.where(pred, neg0, g)
+
+
+select_flag.defvjp(_select_flag_fwd, _select_flag_bwd)

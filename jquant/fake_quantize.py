@@ -294,7 +294,7 @@ class FakeQuantize(FakeQuantizeBase):
             return x, state
         y = self._fake_quant(state, x)
         if fq_on is not True:
-            y = jnp.where(fq_on, y, x)
+            y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients
         return y, state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
@@ -548,7 +548,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             y = fake_quantize_learnable_per_tensor_affine(x, scale_used, zp_used, self.quant_min,
                                                           self.quant_max, grad_factor)
         if fq_on is not True:
-            y = jnp.where(fq_on, y, x)
+            y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients
         return y, new_state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):

@@ -125,6 +125,6 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
         y = fake_quantize_per_tensor_affine(x, new_scale, new_zp, qmin, qmax)
     if fq_on is True:
         return y, running_min, running_max, new_scale, new_zp
-    y = jnp.where(fq_on, y, x)
+    y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients
     return (y, running_min, running_max, jnp.where(fq_on, new_scale, scale),
             jnp.where(fq_on, new_zp, zero_point))
