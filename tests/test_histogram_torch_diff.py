@@ -125,7 +125,7 @@ def test_exact_division_and_isolated_products():
 # torch's test_histogram_observer_against_reference
 # ----------------------------------------------------------------------------------------
 
-@settings(max_examples=16)
+@settings(max_examples=10)
 @given(N=st.sampled_from([10, 1000]), bins=st.sampled_from([256, 512, 1024, 2048]),
        dtype=st.sampled_from(["qint8", "quint8"]), qscheme=st.sampled_from(["affine", "symmetric"]),
        reduce_range=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -195,8 +195,8 @@ def run_sequence(obs, tobs, rng, kinds, n):
     return state
 
 
-@settings(max_examples=30)
-@given(bins=st.sampled_from([3, 100, 2048]), n=st.sampled_from([1, 64]),
+@settings(max_examples=24)
+@given(bins=st.sampled_from([3, 256, 2048]), n=st.sampled_from([1, 64]),
        kinds=st.lists(st.sampled_from(_KINDS), min_size=1, max_size=8),
        dtype=st.sampled_from(["qint8", "quint8"]), qscheme=st.sampled_from(["affine", "symmetric"]),
        reduce_range=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -210,8 +210,8 @@ def test_random_sequences_match_torch_after_every_batch(bins, n, kinds, dtype, q
 
 
 @pytest.mark.parametrize("dtype,qscheme,rate", [
-    ("qint32", "affine", 16), ("qint32", "symmetric", 16), ("quint4x2", "affine", 16),
-    ("quint8", "affine", 1), ("qint8", "symmetric", 3), ("quint8", "affine", 100)])
+    ("qint32", "affine", 16), ("quint4x2", "affine", 1), ("qint8", "symmetric", 3),
+    pytest.param("qint32", "symmetric", 100, marks=pytest.mark.slow)])
 def test_other_dtypes_and_upsample_rates_match_torch(dtype, qscheme, rate):
     """dst_nbins 2**32 (qint32) and 256 (quint4x2); upsample_rate set as torch's attribute."""
     jdt = {"qint32": jq.qint32, "quint4x2": jq.quint4x2, "quint8": jq.quint8, "qint8": jq.qint8}
@@ -251,7 +251,7 @@ def test_jitted_update_matches_torch():
 
 def test_per_channel_matches_torch_per_channel_slices():
     """Channel c of PerChannelHistogramObserver == torch's HistogramObserver fed channel c."""
-    pc = jq.PerChannelHistogramObserver(ch_axis=1, bins=128, dtype=jq.qint8,
+    pc = jq.PerChannelHistogramObserver(ch_axis=1, bins=256, dtype=jq.qint8,
                                         qscheme=jq.per_channel_symmetric)
     rng = np.random.default_rng(12)
     xs = [make_batch(rng, k, 60).reshape(4, 3, 5) for k in ("normal", "outlier", "inf", "relu")]
@@ -260,7 +260,7 @@ def test_per_channel_matches_torch_per_channel_slices():
         state = pc.update(state, x)
     scale, zp = pc.calculate_qparams(state)
     for c in range(3):
-        tobs = TorchHistogramObserver(bins=128, dtype=torch.qint8,
+        tobs = TorchHistogramObserver(bins=256, dtype=torch.qint8,
                                       qscheme=torch.per_tensor_symmetric)
         for x in xs:
             torch_step(tobs, x[:, c, :])
@@ -276,10 +276,10 @@ def _search_statistics(num_sequences, seed):
     """Runs random sequences; returns (sequences, qparams mismatches, worst relative
     difference of the L2 error between jquant's and torch's chosen ranges)."""
     rng = np.random.default_rng(seed)
-    observers = {b: make_pair(b) for b in (100, 2048)}
+    observers = {b: make_pair(b) for b in (256, 2048)}
     mismatches, worst = 0, 0.0
     for _ in range(num_sequences):
-        bins = int(rng.choice([100, 2048]))
+        bins = int(rng.choice([256, 2048]))
         obs, _ = observers[bins]
         tobs = TorchHistogramObserver(bins=bins)
         kinds = list(rng.choice(["normal", "relu", "outlier", "uniform", "exponential"],
@@ -303,7 +303,7 @@ def _search_statistics(num_sequences, seed):
 
 
 def test_search_exactness_statistics(capsys):
-    n, mismatches, worst = _search_statistics(30, seed=2024)
+    n, mismatches, worst = _search_statistics(20, seed=2024)
     with capsys.disabled():
         print(f"\n[histogram search] {n} random sequences: {mismatches} qparams differ from "
               f"torch; worst relative L2-error difference {worst:.2e}")
