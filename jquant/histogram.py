@@ -43,6 +43,10 @@ _INT32_MIN = np.int32(-(2 ** 31))
 #: intermediate of the histc formula normal, and the formula is invariant under it).
 _TINY_EXP = 64
 _TINY_BITS = np.int32((127 - _TINY_EXP) << 23)
+#: In the scaled domain torch's float32 denormals (spacing 2**-149 below 2**-126) have
+#: spacing 2**-85 below 2**-62: results there are rounded to that grid (gradual underflow).
+_GRID = 2.0 ** (_TINY_EXP - 149)
+_SMALL = 2.0 ** (_TINY_EXP - 126)
 #: ``bins * upsample_rate`` up to this many sub-bins: torch's upscale, bit for bit.
 #: Beyond (where torch allocates tens of MB per call, or runs out of memory, as for the
 #: seed's 8000**2 case) the upsampled histogram is replaced by its limit for
@@ -113,6 +117,44 @@ def _scale_up(x):
     return jnp.where((b & np.int32(0x7F800000)) == 0, den, x * np.float32(2.0 ** _TINY_EXP))
 
 
+def _round_gradual(s, err=None):
+    """float64 ``s`` (a value in the 2**64-scaled domain, plus the exact error ``err`` of
+    ``s`` when it is a rounded sum) rounded to float32 as torch rounds ``s * 2**-64``
+    below 2**-126: to the denormal grid, ties to even (``err`` breaks exact ties).
+    Correct for ``|s| < 2**-62``; the caller selects it there."""
+    with nm.enable_x64():
+        q = s * (1.0 / _GRID)
+        fl = jnp.floor(q)
+        frac = q - fl
+        odd = jnp.mod(fl, 2.0) == 1.0
+        tie_up = odd if err is None else (err > 0) | ((err == 0) & odd)
+        up = (frac > 0.5) | ((frac == 0.5) & tie_up)
+        return ((fl + up.astype(fl.dtype)) * _GRID).astype(F32)
+
+
+def _div_gradual(a, d, gradual):
+    """``_div(a, d)`` for a divisor ``d`` an integer below 2**22; where ``gradual``, ``a``
+    is in the scaled domain and quotients below 2**-62 round to torch's denormal grid
+    (from the float64 quotient: no double-rounding tie is possible for such ``d``)."""
+    plain = _div(a, d)
+    if gradual is None:
+        return plain
+    with nm.enable_x64():
+        q = _div(jnp.asarray(a).astype(jnp.float64), np.float64(d))
+        small = gradual & (jnp.abs(q) < _SMALL)
+    return jnp.where(small, _round_gradual(q), plain)
+
+
+def _half_gradual(x, gradual):
+    """``0.5 * x`` (float32) with torch's denormal rounding where ``gradual`` (scaled)."""
+    h = np.float32(0.5) * x
+    if gradual is None:
+        return h
+    with nm.enable_x64():
+        g = _round_gradual(h.astype(jnp.float64))
+    return jnp.where(gradual & (jnp.abs(h) < _SMALL), g, h)
+
+
 def _div(a, d):
     """``a / d`` correctly rounded where ``d`` broadcasts (a scalar or constant).
 
@@ -164,7 +206,7 @@ def _floor_divide(a, b):
     return jnp.where(div != 0, fl, jnp.where(_div(a, b) < 0, -0.0, 0.0).astype(F32))
 
 
-def _round_fma(a, j, c):
+def _round_fma(a, j, c, gradual=None):
     """``f32(a * j + c)`` rounded once (torch's FMA-contracted linspace), for f32 ``a``, ``c``.
 
     ``j`` is an integer array (< 2**29 so that ``a * j`` is exact in float64). The sum is
@@ -187,16 +229,22 @@ def _round_fma(a, j, c):
         g = other.astype(F32)
         halfway = (d != 0) & (g.astype(f64) == other)
         flip = halfway & (err != 0) & ((err > 0) == (d > 0))
-        return jnp.where(flip, g, f)
+        out = jnp.where(flip, g, f)
+        if gradual is not None:   # scaled domain: torch's denormal rounding below 2**-62
+            out = jnp.where(gradual & (jnp.abs(s) < _SMALL), _round_gradual(s, err), out)
+        return out
 
 
-def _linspace(start, end, n: int, idx):
-    """Elements ``idx`` of ``torch.linspace(start, end, n)`` (float32, CPU, REFERENCE §0.5)."""
+def _linspace(start, end, n: int, idx, gradual=None):
+    """Elements ``idx`` of ``torch.linspace(start, end, n)`` (float32, CPU, REFERENCE §0.5).
+
+    ``gradual`` (bool scalar or None): the endpoints are 2**64-scaled and every step
+    rounds as torch's float32 does in the denormal range."""
     start, end = nm.f32(start), nm.f32(end)
-    step = _div(end - start, np.float32(n - 1))
+    step = _div_gradual(end - start, n - 1, gradual)
     half = n // 2
-    first = _round_fma(step, idx, start)
-    second = _round_fma(-step, (n - 1) - idx, end)
+    first = _round_fma(step, idx, start, gradual)
+    second = _round_fma(-step, (n - 1) - idx, end, gradual)
     return jnp.where(idx < half, first, second)
 
 
@@ -392,19 +440,20 @@ def _counts(x2d, lo, hi, bins: int, axis_name):
 # Combining histograms (the range grew)
 # ----------------------------------------------------------------------------------------
 
-def _upscale_exact(hist, omin, omax, umin, umax, bins: int, rate: int):
+def _upscale_exact(hist, omin, omax, umin, umax, bins: int, rate: int, gradual=None):
     """torch's ``_upscale_histogram``: ``hist`` on ``[omin, omax]`` rebinned into ``[umin, umax]``.
 
     Each bin is split into ``rate`` sub-bins of ``hist / rate``, whose float32 midpoints
     (FMA-exact linspace) are bucketized into the new edges and added into the new bins one
     by one in sub-bin order (torch's float32 ``bincount``), so the result is bit-exact.
+    ``gradual``: the range is 2**64-scaled and torch's denormal rounding is emulated.
     """
     k = bins * rate
     h = _div(hist, np.float32(rate))
-    width = _div(omax - omin, np.float32(k))
+    width = _div_gradual(omax - omin, k, gradual)
     idx = jnp.arange(k, dtype=I32)
-    mids = _linspace(omin, omax, k + 1, idx) + np.float32(0.5) * width
-    edges = _linspace(umin, umax, bins + 1, jnp.arange(bins + 1, dtype=I32))
+    mids = _linspace(omin, omax, k + 1, idx, gradual) + _half_gradual(width, gradual)
+    edges = _linspace(umin, umax, bins + 1, jnp.arange(bins + 1, dtype=I32), gradual)
     b = jnp.clip(_searchsorted(edges, mids, right=True) - 1, 0, bins - 1)
 
     def body(i, out):
@@ -435,11 +484,11 @@ def _upscale_limit(hist, omin, omax, umin, umax, bins: int):
 
 def _upscale(hist, omin, omax, umin, umax, bins: int, rate: int):
     # Ranges within 2**-64 of zero: scale the endpoints up exactly (XLA flushes the
-    # denormal steps torch computes; torch's gradual underflow is not emulated there).
+    # denormal steps torch computes) and round the steps as torch's gradual underflow does.
     tiny = _is_tiny(omin) & _is_tiny(omax) & _is_tiny(umin) & _is_tiny(umax)
     omin, omax, umin, umax = (jnp.where(tiny, _scale_up(v), v) for v in (omin, omax, umin, umax))
     if bins * rate <= _EXACT_UPSCALE_MAX:
-        return _upscale_exact(hist, omin, omax, umin, umax, bins, rate)
+        return _upscale_exact(hist, omin, omax, umin, umax, bins, rate, gradual=tiny)
     return _upscale_limit(hist, omin, omax, umin, umax, bins)
 
 

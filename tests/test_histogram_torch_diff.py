@@ -209,6 +209,24 @@ def test_random_sequences_match_torch_after_every_batch(bins, n, kinds, dtype, q
     assert same_bits(s[0], ts) and int(z[0]) == tz
 
 
+@pytest.mark.parametrize("bins,n", [(3, 1), (3, 64), (256, 1), (256, 64)])
+def test_denormal_sequences_match_torch_gradual_underflow(bins, n):
+    """Ranges of denormals: the upscale's bin width, half-width and linspace steps round
+    as torch's float32 does below 2**-126 (XLA flushes them; jquant emulates it)."""
+    obs, _ = make_pair(bins, "qint8")
+    upd = jax.jit(obs.update)
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        _, tobs = make_pair(bins, "qint8")
+        state = obs.init()
+        kinds = ["tiny"] * 6 if seed % 3 else ["tiny", "normal", "tiny", "tiny"]
+        for i, kind in enumerate(kinds):
+            x = make_batch(rng, kind, n)
+            state = upd(state, x)
+            torch_step(tobs, x)
+            check_state(state, tobs, f"seed {seed} batch {i} ({kind})")
+
+
 @pytest.mark.parametrize("dtype,qscheme,rate", [
     ("qint32", "affine", 16), ("quint4x2", "affine", 1), ("qint8", "symmetric", 3),
     pytest.param("qint32", "symmetric", 100, marks=pytest.mark.slow)])
