@@ -1,11 +1,24 @@
 """Helpers for torch-compatible state dicts (internal)."""
 from __future__ import annotations
 
+import collections
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["to_numpy", "check_keys", "sub_dict", "StateDictError"]
+__all__ = ["to_numpy", "check_keys", "sub_dict", "StateDictError", "with_metadata"]
+
+
+def with_metadata(entries: Mapping[str, Any], metadata: dict) -> "collections.OrderedDict":
+    """An ordered state dict carrying torch's ``_metadata`` (``{module_prefix: {"version": v}}``).
+
+    torch's ``load_state_dict`` reads the version from it: without one, observers treat the
+    dict as version-1 state and reset ``eps`` to 2**-23, so jquant's state dicts carry the
+    versions torch's own modules write.
+    """
+    sd = collections.OrderedDict(entries)
+    sd._metadata = metadata
+    return sd
 
 
 class StateDictError(ValueError):
@@ -18,7 +31,9 @@ def to_numpy(v: Any) -> np.ndarray:
         v = v.detach().cpu()
         if hasattr(v, "is_quantized") and v.is_quantized:
             raise StateDictError("quantized tensors are not observer state")
-        return v.numpy()
+        # A copy: ``Tensor.numpy()`` on the module's own buffer would make its storage
+        # non-resizable, breaking torch's later in-place ``resize_`` of per-channel buffers.
+        return v.clone().numpy()
     return np.asarray(v)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from jquant import _numerics as nm
 from jquant._config import Config, Factory, register_state
-from jquant._state_dict import StateDictError, check_keys, sub_dict, to_numpy
+from jquant._state_dict import StateDictError, check_keys, sub_dict, to_numpy, with_metadata
 from jquant.fake_quant_ops import (fake_quantize_learnable_per_channel_affine,
                                    fake_quantize_learnable_per_tensor_affine,
                                    fake_quantize_per_channel_affine,
@@ -177,7 +177,11 @@ class FakeQuantizeBase(Config):
         return self.enable_observer(state, False)
 
     def state_dict(self, state) -> dict:
-        """``{name: np.ndarray}`` with torch's keys (observer keys under ``activation_post_process.``)."""
+        """``{name: np.ndarray}`` with torch's keys (observer keys under ``activation_post_process.``).
+
+        An ``OrderedDict`` with torch's ``_metadata`` (module versions), loadable by torch's
+        module exactly as its own state dict (the observer keeps its ``eps``).
+        """
         out = {}
         for k, v in state._asdict().items():
             if k == "activation_post_process":
@@ -185,7 +189,8 @@ class FakeQuantizeBase(Config):
                     out[f"activation_post_process.{ok}"] = ov
             else:
                 out[k] = np.asarray(v, dtype=self._np_dtypes().get(k, None))
-        return out
+        return with_metadata(out, {"": {"version": 1}, "activation_post_process": {
+            "version": getattr(self.activation_post_process, "_torch_version", 1)}})
 
     def _np_dtypes(self) -> dict:
         return {}

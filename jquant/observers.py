@@ -44,7 +44,7 @@ import numpy as np
 from jquant import _numerics as nm
 from jquant import collectives
 from jquant._config import Config, register_state
-from jquant._state_dict import StateDictError, check_keys, expect_shape, to_numpy
+from jquant._state_dict import StateDictError, check_keys, expect_shape, to_numpy, with_metadata
 from jquant.fused import moving_average
 from jquant.qparams import calculate_qparams as _qparams_rule
 from jquant.types import (QScheme, as_float, as_int, canonical_dtype, canonical_qscheme,
@@ -150,9 +150,17 @@ class ObserverBase(Config):
         """``(scale, zero_point)`` for the observed range."""
         raise NotImplementedError(f"calculate_qparams should not be called for {type(self).__name__}")
 
+    #: the ``_version`` of torch's module (written into the state dict's ``_metadata``).
+    _torch_version: int = 1
+
     def state_dict(self, state) -> dict:
-        """``{name: np.ndarray}`` with torch's buffer names (loadable by torch's module)."""
-        return {k: np.asarray(v) for k, v in state._asdict().items()}
+        """``{name: np.ndarray}`` with torch's buffer names, loadable by torch's module.
+
+        An ``OrderedDict`` with torch's ``_metadata`` (module version), so that torch keeps
+        its ``eps`` when loading it.
+        """
+        return with_metadata({k: np.asarray(v) for k, v in state._asdict().items()},
+                             {"": {"version": self._torch_version}})
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """A state from a state dict (jquant's or torch's; tensors or arrays)."""
@@ -178,6 +186,7 @@ class UniformQuantizationObserverBase(ObserverBase):
 
     _allowed_qschemes: tuple = (QScheme.PER_TENSOR_AFFINE, QScheme.PER_TENSOR_SYMMETRIC)
     _accepts_dynamic = True
+    _torch_version = 3
 
     def _setup(self, dtype, qscheme, reduce_range, quant_min, quant_max, eps, is_dynamic):
         dtype = check_observer_dtype(dtype)
@@ -396,6 +405,18 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         self._check_state(state, "calculate_qparams")
         return self._calculate_qparams(state.min_val, state.max_val, state.eps)
 
+    def state_dict(self, state) -> dict:
+        """As torch's: a state that never observed anything (every channel ``+inf`` /
+        ``-inf``) is written with empty ``(0,)`` ``min_val``/``max_val``, torch's
+        uninitialised buffers, so a torch module loading it starts over as jquant does
+        (instead of averaging from infinities)."""
+        sd = super().state_dict(state)
+        mn, mx = sd["min_val"], sd["max_val"]
+        if mn.size and np.all(mn == np.inf) and np.all(mx == -np.inf):
+            sd["min_val"] = np.zeros((0,), np.float32)
+            sd["max_val"] = np.zeros((0,), np.float32)
+        return sd
+
     def load_state_dict(self, state_dict, strict: bool = True):
         sd = dict(state_dict)
         for old, new in (("min_vals", "min_val"), ("max_vals", "max_val")):  # torch version < 3
@@ -583,7 +604,7 @@ class RecordingObserver(ObserverBase):
         return [state.values[i] for i in range(n)]
 
     def state_dict(self, state) -> dict:
-        return {}
+        return with_metadata({}, {"": {"version": self._torch_version}})
 
     def _state_from_arrays(self, arrays):
         return self.init()
