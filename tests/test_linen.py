@@ -151,6 +151,43 @@ def test_invalid_fuse_and_model_raise_value_error():
         init(qm, jnp.ones((2, 3)))
 
 
+class _ReLUModule(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(x)
+
+
+class _DenseReLUModule(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _ReLUModule(name="act")(nn.Dense(4, name="fc")(x))
+
+
+class _DenseReLUFunction(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(4, name="fc")(x))
+
+
+def test_fuse_relu_module_without_batchnorm():
+    """``(layer, None, relu_path)`` fuses a ReLU *module* (torch's LinearReLU: the module
+    becomes the identity); the two-entry form reads the path as a BatchNorm and says how
+    to write a ReLU module instead."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 3)), jnp.float32)
+    qc = jq.get_default_qat_qconfig("x86")
+    by_module = jl.prepare_qat(_DenseReLUModule(), qc, fuse=[("fc", None, "act")])
+    by_function = jl.prepare_qat(_DenseReLUFunction(), qc, fuse=[("fc", "relu")])
+    v = init(by_module, x)
+    y, _ = by_module.apply(v, x, mutable=["quant_stats"])
+    y2, _ = by_function.apply({"params": {"fc": v["params"]["fc"]},
+                               "quant_stats": {"fc": v["quant_stats"]["fc"]}}, x,
+                              mutable=["quant_stats"])
+    np.testing.assert_array_equal(_np(y), _np(y2))
+    assert float(jnp.min(y)) >= 0.0
+    with pytest.raises(ValueError, match=r"\('fc', None, 'act'\)"):
+        init(jl.prepare_qat(_DenseReLUModule(), qc, fuse=[("fc", "act")]), x)
+
+
 # ----------------------------------------------------------------------------------------
 # layers vs torch's QAT modules
 # ----------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def parse_fuse(fuse) -> tuple:
     Each entry is ``(layer, bn)``, ``(layer, bn, relu)`` or ``(layer, relu)``: module paths
     (``"block.Conv_0"``) of a Flax ``Dense`` / ``Conv`` and the ``BatchNorm`` it feeds;
     ``relu`` is ``"relu"`` / ``nn.relu`` (a function call after the BatchNorm) or the path
-    of a ReLU module.
+    of a ReLU module. Module types are only known when the model runs, so a two-entry
+    group's second path is read as the BatchNorm: write a ReLU *module* without a
+    BatchNorm as ``(layer, None, relu_path)``.
     """
     if fuse is None:
         return ()
@@ -81,7 +83,7 @@ def parse_fuse(fuse) -> tuple:
                              f"(layer, relu); got {item!r}")
         layer = _as_path(item[0], "the first entry")
         if len(item) == 3:
-            bn = _as_path(item[1], "the BatchNorm entry")
+            bn = None if item[1] is None else _as_path(item[1], "the BatchNorm entry")
             relu_v = item[2]
         elif _is_relu_marker(item[1]):
             bn, relu_v = None, item[1]
@@ -545,7 +547,9 @@ def intercept(next_fun, args, kwargs, context):
             raise ValueError(f"fuse: BatchNorm {path} ran without its fused layer "
                              f"{plan.by_bn[path].layer} running first")
         if not isinstance(m, nn.BatchNorm):
-            raise ValueError(f"fuse: {path} is a {type(m).__name__}, expected flax BatchNorm")
+            raise ValueError(f"fuse: {path} is a {type(m).__name__}, expected flax BatchNorm "
+                             f"(to fuse {plan.by_bn[path].layer} with a ReLU module, write "
+                             f"({plan.by_bn[path].layer!r}, None, {path!r}))")
         return call_fused_bn(m, pend, args, kwargs, trace)
     kind = kind_of(m)
     if path in plan.by_layer:
