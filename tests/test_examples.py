@@ -30,3 +30,32 @@ def test_qat_digits_quick(capsys, tmp_path):
     nbytes = result["param_bytes"]
     assert 3.5 <= nbytes["float"] / nbytes["QAT -> int8"] <= 4.1   # int8 weights
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+EB_METHODS = ("float", "PTQ 4-bit (no training)", "QAT 8-bit (fake quant)", "QAT 8-bit -> int8",
+              "QAT 4-bit (fake quant)", "QAT 4-bit -> int4")
+
+
+def test_embedding_bag_4bit_quick():
+    """examples/embedding_bag_4bit.py --quick in a subprocess: the table has every method with
+    accuracy, AUC and parameter bytes; QAT keeps the float accuracy; 4-bit < 8-bit < float."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "embedding_bag_4bit.py"),
+                           "--quick"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rows = {}
+    for name in EB_METHODS:
+        m = re.search(re.escape(name) + r"\s+([01]\.\d{4})\s+([01]\.\d{4})\s+(\d+)\s*$", out,
+                      re.MULTILINE)
+        assert m, (name, out)
+        rows[name] = (float(m.group(1)), float(m.group(2)), int(m.group(3)))
+    acc, auc, nbytes = rows["float"]
+    assert acc > 0.65 and auc > 0.7, rows                  # it learned the hidden model
+    for name in EB_METHODS[1:]:
+        assert rows[name][0] >= acc - 0.02, (name, rows)    # quantization keeps the accuracy
+        assert rows[name][1] >= auc - 0.02, (name, rows)
+    int8, int4 = rows["QAT 8-bit -> int8"][2], rows["QAT 4-bit -> int4"][2]
+    assert int4 < int8 < nbytes, rows
+    assert rows["PTQ 4-bit (no training)"][2] == int4
