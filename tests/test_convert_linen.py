@@ -90,6 +90,51 @@ def test_cnn_convert(mode):
     assert fb / qb > 3.0
 
 
+def test_ptq_fuse_conv_bn_relu_matches_torch_fuse_modules():
+    """PTQ with ``fuse`` (torch's eval-mode ``fuse_modules`` + ``prepare`` + ``convert``):
+    one observer after conv1-bn1-relu1, BatchNorm folded at convert; the same qparams and
+    converted outputs as torch within float rounding (torch observes the folded conv's
+    float output, jquant conv then BatchNorm: equal up to an ulp or so)."""
+    import torch_models as tm
+    from linen_models import parity_variables
+    rng = np.random.default_rng(5)
+    w = tm.parity_cnn_weights(rng)
+    w["bn1"]["mean"] = rng.normal(0, 0.3, 8).astype(F32)
+    w["bn1"]["var"] = rng.uniform(0.5, 2.0, 8).astype(F32)
+    xs = [np.asarray(_x((8, 8, 8, 1), s)) for s in range(3)]
+    jqc = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
+                     weight=jq.default_per_channel_weight_observer)
+    model = jl.prepare(ParityCNN(), jqc, fuse=[("conv1", "bn1", "relu1")])
+    params, stats = parity_variables(w)
+    v = model.init(jax.random.key(0), jnp.asarray(xs[0]), False)
+    v = {**v, "params": params, "batch_stats": stats}
+    v = _calibrate(model, v, [jnp.asarray(x) for x in xs], train=False)
+    assert "bn1" not in v["quant_stats"] and "relu1" not in v["quant_stats"]
+    with pytest.raises(ValueError, match="use_running_average=True"):
+        model.apply(v, jnp.asarray(xs[0]), True, mutable=["quant_stats", "batch_stats"])
+    qm, qv = jl.convert(model, v)
+    assert "bn1" not in qv["params"] and "batch_stats" not in qv
+    y = np.asarray(jax.jit(lambda a, b: qm.apply(a, b, False))(qv, jnp.asarray(xs[0])))
+
+    t = tm.float_parity_cnn(w).eval()
+    t = tq.fuse_modules(t, [["conv1", "bn1", "relu1"]])
+    t.qconfig = tq.QConfig(activation=tq.MinMaxObserver.with_args(reduce_range=True),
+                           weight=tq.default_per_channel_weight_observer)
+    with engine("x86"), torch.no_grad():
+        tq.prepare(t, inplace=True)
+        for x in xs:
+            t(torch.from_numpy(x))
+        ts, tz = t.conv1.activation_post_process.calculate_qparams()
+        tqm = tq.convert(t)
+        ty = tqm(torch.from_numpy(xs[0])).numpy()
+    js, jz = jl.get_observer_dict(model, v)["conv1.activation_post_process"].calculate_qparams()
+    np.testing.assert_allclose(np.asarray(js), ts.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(jz), tz.numpy())
+    step = float(qv["quantized"]["fc"]["packed"].scale)
+    frac, dmax = _within_step(y, ty, step)
+    assert frac >= 0.95 and dmax <= 2 * step, (frac, dmax, step)
+
+
 # ----------------------------------------------------------------------------------------
 # single-layer torch parity
 # ----------------------------------------------------------------------------------------

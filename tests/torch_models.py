@@ -101,6 +101,16 @@ def build_parity_cnn(weights, backend: str, in_ch=1, c1=8, c2=8, hw=8, n_out=10)
     ``get_default_qat_qconfig(backend)`` (version 1, the fused fake quants). Returns the
     model in training mode.
     """
+    m = float_parity_cnn(weights, in_ch, c1, c2, hw, n_out)
+    m.train()
+    m = tq.fuse_modules_qat(m, [["conv1", "bn1", "relu1"]])
+    m.qconfig = tq.get_default_qat_qconfig(backend)
+    tq.prepare_qat(m, inplace=True)
+    return m
+
+
+def float_parity_cnn(weights, in_ch=1, c1=8, c2=8, hw=8, n_out=10):
+    """The float :class:`ParityCNN` with ``weights`` (Flax layout) loaded."""
     m = ParityCNN(in_ch, c1, c2, hw, n_out)
     with torch.no_grad():
         m.conv1.weight.copy_(_t(conv_kernel_to_torch(weights["conv1"]["kernel"])))
@@ -113,10 +123,6 @@ def build_parity_cnn(weights, backend: str, in_ch=1, c1=8, c2=8, hw=8, n_out=10)
         m.conv2.bias.copy_(_t(weights["conv2"]["bias"]))
         m.fc.weight.copy_(_t(dense_kernel_to_torch(weights["fc"]["kernel"])))
         m.fc.bias.copy_(_t(weights["fc"]["bias"]))
-    m.train()
-    m = tq.fuse_modules_qat(m, [["conv1", "bn1", "relu1"]])
-    m.qconfig = tq.get_default_qat_qconfig(backend)
-    tq.prepare_qat(m, inplace=True)
     return m
 
 

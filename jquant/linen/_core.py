@@ -354,7 +354,7 @@ def call_dense_conv(m, kind: str, qconfig, call, args, kwargs, trace: Optional[T
     layout = "dense" if kind == "dense" else "conv"
     scale_factor = None
     frozen = None
-    if entry is not None and entry.bn is not None:
+    if entry is not None and entry.bn is not None and qat:
         fv = m.variable(QUANT_STATS, FREEZE_BN, lambda: jnp.zeros((1,), jnp.uint8))
         frozen = fv.value
         scale_factor = _bn_scale_factor(entry, trace)
@@ -446,6 +446,10 @@ def call_fused_bn(m, pending: Pending, args, kwargs, trace: Trace):
     beta = m.param("bias", m.bias_init, fshape, m.param_dtype) if m.use_bias else None
     out_dtype = m.dtype or jnp.result_type(*[a for a in (x, gamma, beta) if a is not None])
     xc = x.astype(out_dtype)
+    if plan.mode == "ptq" and not use_running and not m.is_initializing():
+        raise ValueError(f"fuse: {module_path(m)} runs with batch statistics; post-training "
+                         f"fusion folds the running statistics (torch's fuse_modules is eval "
+                         f"only): call with use_running_average=True")
     if m.is_initializing():
         y = layers.bn_normalize(xc, ra_mean.value, ra_var.value, gamma, beta, m.epsilon)
     elif use_running:

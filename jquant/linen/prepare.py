@@ -78,7 +78,7 @@ def _check_model(model):
         raise ValueError("model must be unbound (pass the module definition, not model.bind(...))")
 
 
-def prepare(model: nn.Module, qconfig_spec, *, axis_name=None) -> PreparedModel:
+def prepare(model: nn.Module, qconfig_spec, *, fuse=(), axis_name=None) -> PreparedModel:
     """Attaches activation observers for post-training calibration; ``torch.ao.quantization.prepare``.
 
     Args:
@@ -88,6 +88,11 @@ def prepare(model: nn.Module, qconfig_spec, *, axis_name=None) -> PreparedModel:
         like ``"block.Dense_0"``; ``""`` is the root) or module type to ``QConfig`` /
         ``None`` (keep that module float), like torch's ``qconfig_dict``. Entries that
         match no module are reported with a ``UserWarning`` on the first trace.
+      fuse: torch's ``fuse_modules`` groups (eval-mode fusion), written as for
+        :func:`prepare_qat`: a group's BatchNorm (running statistics) and ReLU run before
+        its single output observer, and ``convert`` folds the BatchNorm into the
+        quantized weights (``fuse_conv_bn_eval``). Calibrate with
+        ``use_running_average=True``.
       axis_name: reduce observer statistics over this mesh axis (data parallelism).
     Returns:
       A :class:`PreparedModel`. As in torch, outputs of quantizable modules (Dense, Conv,
@@ -96,7 +101,7 @@ def prepare(model: nn.Module, qconfig_spec, *, axis_name=None) -> PreparedModel:
       ``convert``. Calibrate with ``apply(..., mutable=["quant_stats"])``.
     """
     _check_model(model)
-    return PreparedModel(model=model, plan=_core.Plan("ptq", qconfig_spec, (), axis_name=axis_name))
+    return PreparedModel(model=model, plan=_core.Plan("ptq", qconfig_spec, fuse, axis_name=axis_name))
 
 
 def prepare_qat(model: nn.Module, qconfig_spec, *, fuse=(), axis_name=None,
