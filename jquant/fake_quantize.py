@@ -272,7 +272,14 @@ class FakeQuantize(FakeQuantizeBase):
         if obs_on is False:
             return state
         app = self.activation_post_process
-        new_app = app.update(state.activation_post_process, x, axis_name=axis_name)
+        app_state = state.activation_post_process
+        if (self.is_per_channel and x.size and getattr(app_state, "min_val", None) is not None
+                and app_state.min_val.shape == (0,)):
+            # torch's never-run per-channel observer (empty buffers): size it now, so that a
+            # traced observer_enabled selects between states of one shape
+            app_state = app.init(num_channels=x.shape[app.ch_axis])._replace(eps=app_state.eps)
+            state = state._replace(activation_post_process=app_state)
+        new_app = app.update(app_state, x, axis_name=axis_name)
         s, z = app.calculate_qparams(new_app)
         new = state._replace(activation_post_process=new_app, scale=s.astype(jnp.float32),
                              zero_point=z.astype(self._zp_dtype()))
@@ -565,6 +572,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         if a["scale"].shape != a["zero_point"].shape:
             raise StateDictError(f"Error loading state dict into {owner}: scale {a['scale'].shape} "
                                  f"and zero_point {a['zero_point'].shape} differ in shape")
+        for k in ("fake_quant_enabled", "observer_enabled", "static_enabled", "learning_enabled", "eps"):
+            if a[k].shape != (1,):
+                raise StateDictError(f"Error loading state dict into {owner}: {k} has shape "
+                                     f"{a[k].shape}, expected (1,)")
         flags = [jnp.asarray(a[k].astype(np.int64), jnp.uint8)
                  for k in ("fake_quant_enabled", "observer_enabled", "static_enabled", "learning_enabled")]
         return LearnableFakeQuantizeState(jnp.asarray(a["scale"], jnp.float32),

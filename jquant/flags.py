@@ -5,8 +5,9 @@ Counterparts: ``torch.ao.quantization.enable_observer`` / ``disable_observer`` /
 a pytree (a single state, Linen ``quant_stats``, a whole train state, ...) and return a
 new one in which every leaf named ``observer_enabled`` (and ``static_enabled``, the
 learnable module's observer switch) or ``fake_quant_enabled`` is set to 1 or 0, keeping
-its shape and dtype. Front ends register handlers for their own containers (e.g. NNX
-modules) with :func:`register_flag_handler`.
+its shape and dtype. As in torch, a learnable module's ``observer_enabled`` buffer (a
+sibling of ``static_enabled``) is left untouched. Front ends register handlers for their
+own containers (e.g. NNX modules) with :func:`register_flag_handler`.
 """
 from __future__ import annotations
 
@@ -39,9 +40,18 @@ def set_flags(tree, values: dict):
         if isinstance(tree, cls):
             return handler(tree, values)
 
+    # torch's _LearnableFakeQuantize.enable_observer sets static_enabled only: its
+    # observer_enabled buffer is left alone in a container that has a static_enabled leaf.
+    keep = set()
+    if "observer_enabled" in values and "static_enabled" in values:
+        keep = {p[:-1] for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if p and _key_name(p[-1]) == "static_enabled"}
+
     def fix(path, leaf):
         if path:
             name = _key_name(path[-1])
+            if name == "observer_enabled" and path[:-1] in keep:
+                return leaf
             if name in values and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
                 return jnp.full(jnp.shape(leaf), values[name], dtype=leaf.dtype)
         return leaf

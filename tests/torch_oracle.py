@@ -104,7 +104,9 @@ torch_fake_quant = torch_module
 
 def to_numpy(v) -> np.ndarray:
     if isinstance(v, torch.Tensor):
-        return v.detach().cpu().numpy()
+        # a copy: ``.numpy()`` on a module's own buffer would make its storage non-resizable,
+        # breaking torch's later in-place ``resize_`` (per-channel FakeQuantize's scale)
+        return v.detach().cpu().clone().numpy()
     return np.asarray(v)
 
 
