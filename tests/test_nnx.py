@@ -847,6 +847,9 @@ def test_default_fused_qat_config(engine):
                                else (0, 255, jq.MovingAverageMinMaxObserver))
     app = ref_model.quant.activation_post_process.config.activation_post_process
     assert (app.quant_min, app.quant_max) == (lower, upper)
+    pp = ref_model.quant.activation_post_process   # torch-like attributes on the module
+    assert (pp.quant_min, pp.quant_max) == (lower, upper) and pp.dtype == jq.quint8
+    assert pp.qscheme == jq.per_tensor_affine
     assert type(ref_model.module.linear.weight_fake_quant.config.activation_post_process) is obs2match
 
 

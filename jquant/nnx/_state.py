@@ -107,6 +107,28 @@ class PostProcess(nnx.Module):
         return y
 
     # -- torch-like helpers ---------------------------------------------------------------
+    # torch's fake-quant / observer modules expose their settings as attributes
+    # (``fq.quant_min``, ``fq.dtype``, ...): read here from the config.
+    @property
+    def quant_min(self):
+        """The config's ``quant_min`` (torch's attribute of the same name)."""
+        return self.config.quant_min
+
+    @property
+    def quant_max(self):
+        """The config's ``quant_max`` (torch's attribute of the same name)."""
+        return self.config.quant_max
+
+    @property
+    def dtype(self):
+        """The config's quantized ``dtype`` (torch's attribute of the same name)."""
+        return self.config.dtype
+
+    @property
+    def qscheme(self):
+        """The config's ``qscheme`` (torch's attribute of the same name)."""
+        return self.config.qscheme
+
     def calculate_qparams(self):
         """``(scale, zero_point)`` from the config's rule (torch's ``calculate_qparams()``)."""
         return self.config.calculate_qparams(self.state)
