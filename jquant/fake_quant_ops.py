@@ -255,6 +255,14 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_
 # Per-channel affine (torch.fake_quantize_per_channel_affine)
 # ----------------------------------------------------------------------------------------
 
+def _in_int64_range_of(qf, qmin: int, qmax: int):
+    """``qmin <= q <= qmax`` for an integer-valued float32 ``q``, compared exactly (torch's
+    per-channel mask compares the int64 ``q``; a float32 compare would round ``2**31 - 1`` up
+    and let ``q = 2**31`` pass)."""
+    below, above, _, _ = _f32_bounds(qmin, qmax)
+    return (qf > below) & (qf < above)
+
+
 def _fq_per_channel_int_math(x, scale, zp_i, qmin, qmax):
     # torch: q = int64(float(zp) + nearbyint(x * inv)) (NaN/inf -> INT64_MIN -> qmin),
     # y = float(double(clamp(q) - zp) * double(scale)), mask on the unclamped q.
@@ -269,31 +277,34 @@ def _fq_per_channel_int_math(x, scale, zp_i, qmin, qmax):
     else:
         qc = jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin))
         y = _unsigned_zero(qc - zp_i.astype(jnp.float32)) * scale
-    mask = ok & (qf >= qmin) & (qf <= qmax)
+    mask = ok & _in_int64_range_of(qf, qmin, qmax)
     return y, mask
 
 
-def _dequant_f64(qc, zp, scale):
-    # torch computes (double(q) - double(zp)) * double(scale), rounded once to float32.
+def _dequant_f64(q, zp, scale, qmin, qmax):
+    # torch computes (double(clamp(q)) - double(zp)) * double(scale), rounded once to
+    # float32; the clamp is in int64, where 2**31 - 1 is exact.
     with nm.enable_x64():
-        y = (qc.astype(jnp.float64) - zp.astype(jnp.float64)) * scale.astype(jnp.float64)
+        qc = jnp.clip(q.astype(jnp.float64), qmin, qmax)
+        y = (qc - zp.astype(jnp.float64)) * scale.astype(jnp.float64)
         return y.astype(jnp.float32)
 
 
-def _dequant_float_zp(qc, zp, scale):
-    return lax.platform_dependent(qc, zp, scale, cpu=_dequant_f64, cuda=_dequant_f64,
-                                  default=lambda q, z, s: (q - z) * s)
+def _dequant_float_zp(q, zp, scale, qmin, qmax):
+    f64 = functools.partial(_dequant_f64, qmin=qmin, qmax=qmax)
+    return lax.platform_dependent(q, zp, scale, cpu=f64, cuda=f64,
+                                  default=lambda q, z, s: (jnp.clip(q, qmin, qmax) - z) * s)
 
 
 def _fq_per_channel_float_math(x, scale, zp, qmin, qmax):
-    # torch: q = lrintf(zp + x * inv) (round after adding the float zero point; the product
-    # is rounded on its own first).
+    # torch: q = lrintf(x * inv + zp), the multiply-add fused (one rounding; verified against
+    # torch's CPU kernel, which differs from two roundings for wide ranges and at ties).
     inv = jnp.float32(1.0) / scale
-    qf = nm.rne(zp + _rounded(x * inv))
+    qf = nm.rne(_fma_f32(x, inv, zp))
     ok = nm.in_int64_range(qf)
-    qc = _unsigned_zero(jnp.where(ok, jnp.clip(qf, qmin, qmax), jnp.float32(qmin)))
-    y = _dequant_float_zp(qc, zp, scale)
-    mask = ok & (qf >= qmin) & (qf <= qmax)
+    q = _unsigned_zero(jnp.where(ok, qf, jnp.float32(qmin)))
+    y = _dequant_float_zp(q, zp, scale, qmin, qmax)
+    mask = ok & _in_int64_range_of(qf, qmin, qmax)
     return y, mask
 
 

@@ -355,6 +355,21 @@ def test_learnable_modes_drive_flags_like_torch():
             assert tmod.scale.requires_grad == bool(state.learning_enabled[0]), name
 
 
+def test_tree_level_toggles_over_a_container_like_torch_apply():
+    """jq.enable_observer & co. over a dict of states == model.apply(tq.enable_observer & co.)."""
+    fqs = {"fq": jq.FakeQuantize(), "fused": jq.FusedMovingAvgObsFakeQuantize(),
+           "fixed": jq.default_fixed_qparams_range_neg1to1_fake_quant(),
+           "lsq": jq.LearnableFakeQuantize(jq.MovingAverageMinMaxObserver)}
+    tmodel = torch.nn.ModuleDict({k: torch_fake_quant(v) for k, v in fqs.items()})
+    states = {k: v.init() for k, v in fqs.items()}
+    for name in ("disable_observer", "disable_fake_quant", "enable_observer", "disable_observer",
+                 "enable_fake_quant", "enable_observer"):
+        states = getattr(jq, name)(states)
+        tmodel.apply(getattr(tq, name))
+        for k, fq in fqs.items():
+            _compare_state(fq, states[k], tmodel[k], f"{name} {k}")
+
+
 # ----------------------------------------------------------------------------------------
 # State dicts, both directions
 # ----------------------------------------------------------------------------------------
@@ -484,3 +499,21 @@ def test_state_dict_mismatch_raises(name):
             with pytest.raises(StateDictError, match=key.split(".")[-1]):
                 fq.load_state_dict({**sd, key: value})
     assert issubclass(StateDictError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------
+# Slow: the same sequences, more examples (CI's slow step)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@settings(max_examples=100)
+@given(fake_quantizes(), step_sequences(n_max=7))
+def test_fake_quantize_sequences_more(fq, steps):
+    _run(fq, torch_fake_quant(fq), _init(fq), steps)
+
+
+@pytest.mark.slow
+@settings(max_examples=100)
+@given(learnables(), step_sequences(toggles=TOGGLES + LEARNABLE_MODES, special=False, n_max=8))
+def test_learnable_sequences_more(fq, steps):
+    _run(fq, torch_fake_quant(fq), _init(fq), steps)
