@@ -151,13 +151,13 @@ def aminmax(x, axis=None):
     return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
 
-def _isolate_cpu(f, *args):
-    leaf = jax.tree_util.tree_leaves(args)[0]
+def _isolate_cpu(f, *args, key=0):
+    leaf = jax.tree_util.tree_leaves(args[key])[0]
     pred = jnp.all(jnp.isfinite(leaf))
     return lax.cond(pred, f, f, *args)
 
 
-def isolate(f, *args):
+def isolate(f, *args, key: int = 0):
     """``f(*args)``, computed on CPU in its own XLA computation (a conditional).
 
     XLA:CPU fuses small computations (per-channel / per-tensor qparams, a few hundred
@@ -165,8 +165,11 @@ def isolate(f, *args):
     them and then recomputes them for every element (here: 5x slower weight fake quant).
     A conditional is a fusion boundary, so the result is computed once and read back.
     Elsewhere (and under ``vmap`` with a batched predicate) it is a plain call.
+    ``key``: index of the argument whose finiteness is the (opaque) predicate; pick a small
+    one (a scale), since the predicate is a reduction over it.
     """
-    return lax.platform_dependent(*args, cpu=functools.partial(_isolate_cpu, f), default=f)
+    return lax.platform_dependent(*args, cpu=functools.partial(_isolate_cpu, f, key=key),
+                                  default=f)
 
 
 @jax.custom_vjp

@@ -196,13 +196,32 @@ def _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax):
     return y, mask
 
 
+#: Per-tensor fake quant of at least this many elements is its own XLA computation on CPU.
+_ISOLATE_MIN_SIZE = 1 << 14
+
+
+def _fq_per_tensor_math(x, scale, zp_i, qmin, qmax):
+    """``(y, mask)``; on CPU a large ``x`` is fake-quantized in its own computation.
+
+    XLA:CPU otherwise fuses the op with its producer's broadcast (a Dense / Conv bias) and
+    its consumer's reshape (a flatten before the next Dense) into one loop whose indexing
+    defeats vectorization: 3-6x slower than the op alone (a QAT step of a small CNN spent
+    ~10% of its time there). A conditional is a fusion boundary (``nm.isolate``); its
+    predicate reads only the scale.
+    """
+    if x.size < _ISOLATE_MIN_SIZE:
+        return _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)
+    return nm.isolate(lambda u, s, z: _fq_per_tensor_fwd_math(u, s, z, qmin, qmax),
+                      x, scale, zp_i, key=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _fq_per_tensor(x, scale, zp_i, qmin, qmax):
-    return _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)[0]
+    return _fq_per_tensor_math(x, scale, zp_i, qmin, qmax)[0]
 
 
 def _fq_per_tensor_fwd(x, scale, zp_i, qmin, qmax):
-    y, mask = _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)
+    y, mask = _fq_per_tensor_math(x, scale, zp_i, qmin, qmax)
     return y, (mask, jnp.zeros_like(scale))
 
 
@@ -395,7 +414,7 @@ def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lsq_per_tensor(x, scale, zp, qmin, qmax, grad_factor):
     zf = nm.x86_f32_to_int32(jnp.clip(nm.rne(zp), qmin, qmax))
-    y = _fq_per_tensor_fwd_math(x, scale, zf, qmin, qmax)[0]
+    y = _fq_per_tensor_math(x, scale, zf, qmin, qmax)[0]
     return jnp.where(jnp.isnan(zp), jnp.float32(jnp.nan), y)  # torch raises for a NaN zp
 
 
