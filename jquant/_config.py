@@ -69,6 +69,14 @@ class Factory:
     def __setattr__(self, k, v):
         raise AttributeError("Factory is immutable; use with_args")
 
+    def __getattr__(self, name):
+        # only reached for names a Factory lacks: e.g. init / update used on with_args(...)
+        if name.startswith("__") or name in Factory.__slots__:
+            raise AttributeError(name)
+        raise AttributeError(f"{self!r} is a factory (torch's with_args partial), not a config: it "
+                             f"has no {name!r}. Build the config first: obs = factory(), then "
+                             f"state = obs.init(x)")
+
     def __call__(self, *args, **kwargs):
         return self.func(*args, **{**self.keywords, **kwargs})
 

@@ -111,11 +111,12 @@ def _vwg_bwd(_, g):
 _value_with_grad_to.defvjp(_vwg_fwd, _vwg_bwd)
 
 
-def _check_fq_state(owner, state, state_type) -> None:
+def _check_fq_state(owner, state, state_type, method: str = "apply") -> None:
     """``ValueError`` unless ``state`` looks like a ``state_type`` (e.g. ``None`` before ``init``)."""
     if not all(hasattr(state, f) for f in state_type._fields):
-        raise ValueError(f"{owner}.apply: state must be the {state_type.__name__} returned by "
-                         f"init(), got {type(state).__name__}")
+        raise ValueError(f"{owner}.{method}: state must be the {state_type.__name__} returned by "
+                         f"init() (state = fq.init(x); y, state = fq(state, x)), got "
+                         f"{type(state).__name__}")
 
 
 def _build_observer(observer, kwargs):
@@ -162,6 +163,7 @@ class FakeQuantizeBase(Config):
 
     def calculate_qparams(self, state):
         """The observer's qparams (not the stored buffers), as in torch."""
+        _check_fq_state(type(self).__name__, state, FakeQuantizeState, "calculate_qparams")
         return self.activation_post_process.calculate_qparams(state.activation_post_process)
 
     def enable_fake_quant(self, state, enabled: bool = True):
@@ -514,6 +516,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
         A NaN zero point gives ``INT32_MIN`` (torch: ``INT64_MIN``, x86's NaN cast).
         """
+        _check_fq_state(type(self).__name__, state, LearnableFakeQuantizeState, "calculate_qparams")
         scale = jnp.maximum(state.scale, state.eps)
         zp = nm.x86_f32_to_int32(jnp.clip(nm.rne(state.zero_point), self.quant_min, self.quant_max))
         return scale, zp

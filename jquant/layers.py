@@ -94,7 +94,7 @@ class QConfigSpec:
     warns about them (torch silently ignores such keys).
     """
 
-    def __init__(self, spec):
+    def __init__(self, spec, *, module_base: Optional[type] = None):
         self.global_qconfig = _UNSET
         self.path_entries: list = []
         self.type_entries: list = []
@@ -105,25 +105,40 @@ class QConfigSpec:
             keys = []
             for k, v in spec.items():
                 if not _is_qconfig(v):
-                    raise ValueError(f"qconfig_spec[{k!r}] must be a QConfig or None, got "
-                                     f"{type(v).__name__}")
+                    raise ValueError(f"qconfig_spec[{_key_name(k)}] must be a QConfig or None (None "
+                                     f"keeps the module float), got {_describe(v)}. {_QCONFIG_HINT}")
                 if isinstance(k, str):
                     try:
                         pattern = re.compile(k)
                     except re.error as e:
                         raise ValueError(f"qconfig_spec key {k!r} is not a valid regular "
-                                         f"expression: {e}") from None
+                                         f"expression: {e}. Keys are matched against whole "
+                                         f"dotted module paths (re.fullmatch); escape literal "
+                                         f"characters with re.escape") from None
                     self.path_entries.append((k, pattern, v))
                 elif isinstance(k, type):
+                    if module_base is not None and not issubclass(k, module_base):
+                        raise ValueError(
+                            f"qconfig_spec key {k.__module__}.{k.__qualname__} is not a "
+                            f"{module_base.__module__}.{module_base.__qualname__} type, so it "
+                            f"can match no module of this model; use a module type of this "
+                            f"front end (e.g. the layer classes the model is built from) or a "
+                            f"module path")
                     self.type_entries.append((k, v))
                 else:
-                    raise ValueError(f"qconfig_spec keys must be module paths (str) or module "
-                                     f"types, got {k!r}")
+                    hint = ""
+                    if type(k).__module__ != "builtins":
+                        hint = (f" (for a module instance use its dotted path, e.g. 'block.fc', "
+                                f"or its type {type(k).__name__})")
+                    raise ValueError(f"qconfig_spec keys must be module paths (str, a regular "
+                                     f"expression over dotted paths; '' is the root) or module "
+                                     f"types, got {_describe(k)}{hint}")
                 keys.append(k)
             self.keys = tuple(keys)
         else:
-            raise ValueError(f"qconfig_spec must be a QConfig, None or a dict, got "
-                             f"{type(spec).__name__}")
+            raise ValueError(f"qconfig_spec must be a QConfig (the whole model), None or a dict "
+                             f"from module path / type to QConfig or None, got {_describe(spec)}. "
+                             f"{_QCONFIG_HINT}")
         self.matched: set = set()
 
     def own(self, path: str, module_type: type):
@@ -166,14 +181,56 @@ class QConfigSpec:
         """Keys that matched no module so far."""
         return [k for k in self.keys if k not in self.matched]
 
-    def warn_unmatched(self, extra: Iterable = ()) -> list:
-        """Warns (``UserWarning``) about keys that matched nothing; returns them."""
+    def warn_unmatched(self, extra: Iterable = (), known: Iterable = ()) -> list:
+        """Warns (``UserWarning``) about keys that matched nothing; returns them.
+
+        ``known``: the model's quantizable module paths, listed in the message to help fix
+        a path key.
+        """
         missing = self.unmatched() + list(extra)
         if missing:
             names = ", ".join(k.__name__ if isinstance(k, type) else repr(k) for k in missing)
-            warnings.warn(f"jquant: qconfig_spec entries matched no module: {names}",
-                          UserWarning, stacklevel=3)
+            msg = f"jquant: qconfig_spec entries matched no module: {names}"
+            if any(isinstance(k, str) for k in missing):
+                msg += (". String keys are regular expressions matched against the whole dotted "
+                        "module path (re.fullmatch, e.g. 'block.fc' or r'block\\..*')")
+            known = sorted(set(known))
+            if known:
+                shown = ", ".join(repr(k) for k in known[:20])
+                more = f" (+{len(known) - 20} more)" if len(known) > 20 else ""
+                msg += f"; this model's quantizable modules: {shown}{more}"
+            warnings.warn(msg, UserWarning, stacklevel=3)
         return missing
+
+
+_QCONFIG_HINT = ("Pass e.g. jq.get_default_qconfig('x86') (PTQ), jq.get_default_qat_qconfig('x86') "
+                 "(QAT) or jq.QConfig(activation=<observer / fake quant class>, weight=<...>)")
+
+
+def _key_name(k) -> str:
+    return repr(k) if isinstance(k, str) else getattr(k, "__name__", type(k).__name__)
+
+
+def _describe(v) -> str:
+    """A short description of a wrong spec entry, with the likely fix when it is a common slip."""
+    if isinstance(v, str):
+        return f"the string {v!r}"
+    if v is QConfig:
+        return "the QConfig class itself (build one: QConfig(activation=..., weight=...))"
+    if isinstance(v, type) and issubclass(v, (ObserverBase, FakeQuantizeBase)):
+        return (f"the observer / fake-quant class {v.__name__} (a QConfig pairs two of them: "
+                f"QConfig(activation={v.__name__}, weight=...))")
+    if isinstance(v, (ObserverBase, FakeQuantizeBase)):
+        return (f"the observer / fake-quant {type(v).__name__} (a QConfig pairs two of them: "
+                f"QConfig(activation=..., weight=...))")
+    if callable(v) and not isinstance(v, type) and getattr(v, "__name__", "").startswith("get_"):
+        return f"the function {v.__name__} (call it: {v.__name__}('x86'))"
+    if isinstance(v, type):
+        return f"the type {v.__name__}"
+    if type(v).__module__ == "builtins":
+        r = repr(v)
+        return f"{r if len(r) <= 60 else r[:57] + '...'} ({type(v).__name__})"
+    return f"a {type(v).__name__} instance"
 
 
 def build(factory):

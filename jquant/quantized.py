@@ -112,7 +112,8 @@ __all__ = [
     "fuse_conv_bn_weights", "fuse_linear_bn_weights", "pack_linear", "pack_conv",
     "quantize", "dequantize", "quantized_linear", "quantized_conv", "x86_conv_requant",
     "pack_embedding", "unpack_embedding", "quantized_embedding", "quantized_embedding_bag",
-    "param_bytes", "BACKENDS", "requant_rule", "check_observed", "pack_layer",
+    "param_bytes", "BACKENDS", "requant_rule", "check_observed", "unobserved_field",
+    "unobserved_error", "pack_layer",
     "activation_flow", "emit", "emit_float", "leave_quantized", "take",
 ]
 
@@ -1156,23 +1157,43 @@ def _walk_fields(state, prefix=""):
         yield prefix[:-1], state
 
 
+def unobserved_field(state) -> Optional[str]:
+    """The name of the ``min_val`` field of ``state`` that never saw data (still +inf), or None."""
+    if state is None:
+        return None
+    for name, v in _walk_fields(state):
+        if name.split(".")[-1] != "min_val" or not nm.is_concrete(v):
+            continue
+        a = np.asarray(v)
+        if a.size and np.all(np.isposinf(a)):
+            return name
+    return None
+
+
+def unobserved_error(wheres) -> ValueError:
+    """The error ``convert`` raises for activation observers that never saw data (``wheres``:
+    their module descriptions, all listed)."""
+    wheres = list(wheres)
+    shown = ", ".join(wheres[:12]) + (f" (+{len(wheres) - 12} more)" if len(wheres) > 12 else "")
+    return ValueError(
+        f"convert: {len(wheres)} activation observer(s) / fake quant(s) never saw data: {shown}. "
+        f"An observer that has not seen any data has no qparams. Run calibration batches "
+        f"through the prepared model "
+        f"first (Linen: _, upd = prepared.apply(variables, x, mutable=['quant_stats']); "
+        f"variables = {{**variables, **upd}}; NNX: call the prepared model on data) or train it "
+        f"(QAT), then convert. (torch's convert only warns 'must run observer before calling "
+        f"calculate_qparams' and uses scale=1, zero_point=0; jquant refuses.)")
+
+
 def check_observed(state, where: str) -> None:
     """Raises ``ValueError`` when an observer in ``state`` never saw data (``min_val`` still +inf).
 
     torch's ``convert`` silently uses ``scale=1, zero_point=0`` (with a warning) for such an
     observer; jquant refuses, naming the module: calibrate (PTQ) or train (QAT) first.
     """
-    if state is None:
-        return
-    for name, v in _walk_fields(state):
-        if name.split(".")[-1] != "min_val" or not nm.is_concrete(v):
-            continue
-        a = np.asarray(v)
-        if a.size and np.all(np.isposinf(a)):
-            raise ValueError(
-                f"{where}: the observer ({name}) has not seen any data; run calibration batches "
-                f"through the prepared model (Linen: apply(..., mutable=['quant_stats']); NNX: call "
-                f"it) or train it before convert")
+    name = unobserved_field(state)
+    if name is not None:
+        raise unobserved_error([f"{where} [{name}]"])
 
 
 def pack_layer(kind: str, kernel, bias, weight_post_process, weight_state, output_qparams, *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -114,7 +115,7 @@ class Plan:
         if mode not in ("ptq", "qat"):
             raise ValueError(f"mode={mode!r}")
         self.mode = mode
-        self.spec = layers.QConfigSpec(spec)
+        self.spec = layers.QConfigSpec(spec, module_base=nn.Module)
         self.fuse = parse_fuse(fuse)
         self.axis_name = axis_name
         self.bn_unbiased = bool(bn_unbiased)
@@ -143,7 +144,21 @@ class Plan:
         self.warned = True
         extra = [f"fuse entry {(e.layer, e.bn) if e.bn else e.layer!r}" for e in self.fuse
                  if e.layer not in self.fused_seen]
-        self.spec.warn_unmatched(extra)
+        self.spec.warn_unmatched(extra, known=self.qconfigs)
+        if self.registry:
+            return
+        fn = "prepare_qat" if self.mode == "qat" else "prepare"
+        if self.qconfigs:   # torch's prepare warns "None of the submodule got qconfig applied"
+            why = (f"its quantizable modules ({', '.join(repr(k) for k in sorted(self.qconfigs)[:10])}"
+                   f") all resolved to qconfig None: check qconfig_spec (one QConfig quantizes "
+                   f"the whole model; dict keys are module path regexes or module types)")
+        else:
+            why = ("it calls no quantizable module: build it from flax's Dense / Conv / Embed / "
+                   "BatchNorm / LayerNorm / GroupNorm and jquant.linen's QuantStub / "
+                   "EmbeddingBag (functions such as jnp.dot or nn.tanh are not seen)")
+        warnings.warn(f"jquant.linen.{fn}: no module was prepared (no observer or fake quant "
+                      f"was inserted), so the model runs float: {why}", UserWarning,
+                      stacklevel=3)
 
     # identity hashing: a plan is a static attribute of the prepared Linen module
     def __hash__(self):

@@ -32,6 +32,7 @@ before it quantizes its input dynamically (``choose_qparams_per_tensor``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -242,12 +243,39 @@ def _state(variables, path, name, cfg):
     return st
 
 
-def _act_qparams(cfg, state, path, what="output"):
-    if cfg is None or state is None or isinstance(cfg, _core.NoopObserver) or \
+def _act_qparams(cfg, state, path, what="output", problems=None):
+    """The output qparams of ``path``'s activation post-process, or None when it has none.
+
+    With ``problems`` (a dict of lists), a missing state / an observer that never saw data
+    is recorded there (convert then raises once, naming every such module) and torch's
+    default qparams are returned meanwhile.
+    """
+    if cfg is None or isinstance(cfg, _core.NoopObserver) or \
             isinstance(cfg, _core.PlaceholderObserver):
         return None
-    Q.check_observed(state, f"{path} ({what} activation_post_process)")
+    where = f"{path or '<root>'} ({what} activation_post_process)"
+    if state is None:
+        if problems is None:
+            return None
+        problems["missing"].append(where)
+        return jnp.ones((), jnp.float32), jnp.zeros((), jnp.int32)
+    if problems is None:
+        Q.check_observed(state, where)
+    elif Q.unobserved_field(state) is not None:
+        problems["unobserved"].append(where)
     return Q.activation_qparams(cfg, state)
+
+
+def _raise_problems(problems):
+    if problems["missing"]:
+        names = ", ".join(problems["missing"][:12])
+        raise ValueError(f"convert: variables hold no quant_stats state for {names}. Pass the "
+                         f"prepared model's variables (prepared.init(rng, x) gives params plus "
+                         f"'quant_stats'; after calibration / training merge the updated "
+                         f"collection: variables = {{**variables, **updates}}), not the float "
+                         f"model's")
+    if problems["unobserved"]:
+        raise Q.unobserved_error(problems["unobserved"])
 
 
 def _act_dtype(cfg):
@@ -284,13 +312,20 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
       module needs never saw data.
     """
     if not isinstance(model, PreparedModel):
-        raise ValueError("model must come from jquant.linen.prepare / prepare_qat")
+        raise ValueError(f"model must come from jquant.linen.prepare / prepare_qat (got "
+                         f"{type(model).__name__}): prepared = prepare(model, qconfig); "
+                         f"calibrate or train it; then convert(prepared, variables)")
     if backend not in Q.BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {Q.BACKENDS}")
     plan = model.plan
-    if not plan.kinds:
+    if not plan.kinds and not plan.warned:
         raise ValueError("the prepared model has not been traced yet: call model.init(...) and "
                          "calibrate / train it before convert")
+    if not plan.registry:
+        warnings.warn("jquant.linen.convert: nothing to convert: no module of the model got an "
+                      "observer or fake quant at prepare (see the warning prepare gave on its "
+                      "first trace); the converted model runs float", UserWarning, stacklevel=2)
+    problems: dict = {"missing": [], "unobserved": []}
     variables = _to_dict(variables)
     params = _to_dict(variables.get("params", {}))
     stats = _to_dict(variables.get("batch_stats", {}))
@@ -306,7 +341,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
         qconfig = plan.qconfigs.get(path)
         astate = _state(variables, path, _core.ACT, acfg)
         if kind == "quant_stub":
-            qp = _act_qparams(acfg, astate, path)
+            qp = _act_qparams(acfg, astate, path, problems=problems)
             if qp is None:
                 continue
             entries[path] = _Entry("quant_stub", act_dtype=_act_dtype(acfg))
@@ -314,7 +349,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
         elif kind == "dequant_stub":
             entries[path] = _Entry("dequant_stub")
         elif kind in ("dense", "conv"):
-            qp = _act_qparams(acfg, astate, path)
+            qp = _act_qparams(acfg, astate, path, problems=problems)
             if qp is None:
                 raise ValueError(f"{path}: a quantized {kind} needs an activation observer / fake "
                                  f"quant with qparams (qconfig.activation), got {acfg!r}")
@@ -349,7 +384,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
             p = _get(params, path) or {}
             wstate = _state(variables, path, _core.WEIGHT, w) if wcfg is not None else None
             packed = Q.pack_embedding(p["embedding"], w, wstate)
-            qp = _act_qparams(acfg, astate, path)
+            qp = _act_qparams(acfg, astate, path, problems=problems)
             rec = {"packed": packed}
             if qp is not None:
                 rec.update(scale=qp[0], zero_point=qp[1])
@@ -359,11 +394,12 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
         elif kind in ("bn", "norm"):
             if path in plan.by_bn:
                 continue
-            qp = _act_qparams(acfg, astate, path)
+            qp = _act_qparams(acfg, astate, path, problems=problems)
             if qp is None:
                 continue
             entries[path] = _Entry("post", act_dtype=_act_dtype(acfg))
             _put(quant, path, {"scale": qp[0], "zero_point": qp[1]})
+    _raise_problems(problems)
     qvariables = {k: _to_dict(v) for k, v in variables.items()
                   if k not in ("params", "batch_stats", _core.QUANT_STATS)}
     qvariables["params"] = out_params

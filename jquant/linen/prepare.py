@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import flax
 import flax.linen as nn
 
 from jquant.linen import _core
@@ -59,7 +60,17 @@ class PreparedModel(nn.Module):
 
     def _forward(self, fn_name, args, kwargs):
         fn = self.model if fn_name == "__call__" else getattr(self.model, fn_name)
-        return _core.run_prepared(self, fn, *args, **kwargs)
+        try:
+            return _core.run_prepared(self, fn, *args, **kwargs)
+        except flax.errors.ScopeCollectionNotFound as e:
+            if f'collection "{_core.QUANT_STATS}"' not in str(e):
+                raise
+            raise ValueError(
+                "jquant.linen: the variables passed to the prepared model have no "
+                "'quant_stats' collection (observer / fake-quant state), e.g. they come from "
+                "the float model's init. Initialise the prepared model instead: variables = "
+                "prepared.init(rng, x) (then variables['params'] = float_params keeps the "
+                "trained weights), or pass mutable=['quant_stats'] to create the state") from e
 
     def __call__(self, *args, **kwargs):
         self._discover("__call__", args, kwargs)
@@ -87,7 +98,9 @@ def prepare(model: nn.Module, qconfig_spec, *, fuse=(), axis_name=None) -> Prepa
       qconfig_spec: a :class:`~jquant.QConfig`, or a dict from module path (regex, dotted
         like ``"block.Dense_0"``; ``""`` is the root) or module type to ``QConfig`` /
         ``None`` (keep that module float), like torch's ``qconfig_dict``. Entries that
-        match no module are reported with a ``UserWarning`` on the first trace.
+        match no module are reported with a ``UserWarning`` on the first trace, and so is
+        a model where no module gets an observer (torch: "None of the submodule got
+        qconfig applied"). A malformed spec raises ``ValueError`` here.
       fuse: torch's ``fuse_modules`` groups (eval-mode fusion), written as for
         :func:`prepare_qat`: a group's BatchNorm (running statistics) and ReLU run before
         its single output observer, and ``convert`` folds the BatchNorm into the

@@ -33,6 +33,7 @@ quantized tensors).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -231,13 +232,19 @@ def _float_version(mod):
     return mod
 
 
-def _act(mod, where):
-    """``(qparams or None, dtype)`` of ``mod.activation_post_process``."""
+def _act(mod, where, unseen=None):
+    """``(qparams or None, dtype)`` of ``mod.activation_post_process``.
+
+    An observer that never saw data raises, or with ``unseen`` (a list) is recorded there
+    (convert raises once, naming them all) and gives torch's default qparams meanwhile."""
     pp = getattr(mod, "activation_post_process", None)
     if not isinstance(pp, PostProcess) or isinstance(pp.config, (NoopObserver, PlaceholderObserver)):
         return None, jnp.uint8
     st = pp.state
-    Q.check_observed(st, f"{where} (activation_post_process)")
+    if unseen is None:
+        Q.check_observed(st, f"{where} (activation_post_process)")
+    elif Q.unobserved_field(st) is not None:
+        unseen.append(f"{where} (activation_post_process)")
     try:
         dtype = canonical_dtype(getattr(pp.config, "dtype", jnp.uint8))
     except Exception:  # noqa: BLE001
@@ -256,18 +263,18 @@ def _weight(mod):
 _CONVERTIBLE = (M.Linear, M.Conv, M.Embed, M.QATEmbeddingBag, M._ObservedMixin, M._QATFusedMixin)
 
 
-def _convert_module(mod, path, backend):
+def _convert_module(mod, path, backend, unseen=None):
     """The converted replacement of ``mod``, or None (recurse into it)."""
     where = path or "<root>"
     if isinstance(mod, M.QuantStub):
-        qp, dtype = _act(mod, where)
+        qp, dtype = _act(mod, where, unseen)
         return M.Identity() if qp is None else Quantize(*qp, dtype)
     if isinstance(mod, M.DeQuantStub):
         return DeQuantize()
     if not isinstance(mod, _CONVERTIBLE):
         return None
     if isinstance(mod, (nnx.Linear, nnx.Conv)):
-        qp, _ = _act(mod, where)
+        qp, _ = _act(mod, where, unseen)
         if qp is None:
             raise ValueError(f"{where}: a quantized {type(mod).__name__} needs an activation "
                              f"observer / fake quant with qparams (qconfig.activation)")
@@ -297,7 +304,7 @@ def _convert_module(mod, path, backend):
         wcfg, wstate = _weight(mod)
         if wcfg is None or not _L.is_float_qparams(wcfg):
             return _float_version(mod)  # torch's convert raises here; jquant keeps it float
-        qp, dtype = _act(mod, where)
+        qp, dtype = _act(mod, where, unseen)
         packed = Q.pack_embedding(mod.embedding[...], wcfg, wstate)
         if isinstance(mod, nnx.Embed):
             return QuantizedEmbedding(packed, mod.features, qp, dtype)
@@ -305,7 +312,7 @@ def _convert_module(mod, path, backend):
                                      include_last_offset=mod.include_last_offset,
                                      padding_idx=mod.padding_idx, qparams=qp, dtype=dtype)
     # observed modules without an integer counterpart: float, output quantized
-    qp, dtype = _act(mod, where)
+    qp, dtype = _act(mod, where, unseen)
     fl = _float_version(mod)
     return fl if qp is None else QuantizedOutput(fl, qp, dtype)
 
@@ -342,6 +349,10 @@ def convert(model, *, inplace: bool = False, backend: str = "x86"):
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
     from jquant.nnx.quantize import _child_items, _set_child  # cycle: quantize imports convert
+    if not any(isinstance(node, PostProcess) for _, node in nnx.iter_graph(model)):
+        warnings.warn("jquant.nnx.convert: nothing to convert: the model has no observer or fake "
+                      "quant (prepare it with jquant.nnx.prepare / prepare_qat, then calibrate "
+                      "or train it, before convert); it stays float", UserWarning, stacklevel=2)
     if not inplace:
         model = nnx.clone(model)
     replaced: dict = {}
@@ -356,7 +367,7 @@ def convert(model, *, inplace: bool = False, backend: str = "x86"):
             if id(child) in visited:
                 continue
             visited.add(id(child))
-            new = _convert_module(child, ".".join(cpath), backend) if isinstance(child, nnx.Module) else None
+            new = _convert_module(child, ".".join(cpath), backend, unseen) if isinstance(child, nnx.Module) else None
             if new is None:
                 visit(child, cpath)
             elif new is not child:
@@ -364,10 +375,14 @@ def convert(model, *, inplace: bool = False, backend: str = "x86"):
                 _set_child(node, key, new)
 
     visited.add(id(model))
-    root = _convert_module(model, "", backend)
+    unseen: list = []
+    root = _convert_module(model, "", backend, unseen)
+    if root is None:
+        visit(model, ())
+    if unseen:
+        raise Q.unobserved_error(unseen)
     if root is not None:
         return root
-    visit(model, ())
     return M.swap_class(model, _converted_root_class(type(model)))
 
 

@@ -179,10 +179,16 @@ def _swap(mod, qconfig, qat: bool, axis_name, bn_unbiased=False, root_ref=None):
     return M.observe(mod, qconfig, axis_name=axis_name)
 
 
-def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased=False):
+def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased=False,
+                   report=None):
+    """Swaps the quantizable modules of ``root``; ``report`` (a dict, optional) receives
+    ``known`` (paths of quantizable modules) and ``prepared`` (how many got a qconfig)."""
     replaced: dict[int, Any] = {}
     visited: set[int] = set()
     root_ref = M.first_param(root)  # stubs' state goes where the model's params are
+    report = {} if report is None else report
+    report.setdefault("known", [])
+    report.setdefault("prepared", 0)
 
     def visit(node, path, inherited):
         for key, child in _child_items(node):
@@ -202,6 +208,11 @@ def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased
         if isinstance(mod, nnx.Module):
             qc = _module_qconfig(spec, _path_str(path), mod, inherited)
             new = _swap(mod, qc, qat, axis_name, bn_unbiased, root_ref)
+            if new is not None and not isinstance(mod, _SKIP):
+                report["known"].append(_path_str(path))
+                if isinstance(mod, _PREPARED) or (new is not _LEAF or (
+                        type(mod) is M.QuantStub and qc is not None)):
+                    report["prepared"] += 1
             if new is _LEAF:
                 return None
             if new is not None:
@@ -226,7 +237,9 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
         (regex, full match on dotted paths such as ``"encoder.0.fc"``; ``""`` is the root)
         or module type to ``QConfig`` / ``None`` (leave float). Priority: a module's own
         ``qconfig`` attribute, then path, then type, then its parent's. Entries that
-        matched nothing are reported with a ``UserWarning``.
+        matched nothing are reported with a ``UserWarning``, and so is a model where no
+        module gets an observer (torch: "None of the submodule got qconfig applied"). A
+        malformed spec raises ``ValueError``.
       inplace: modify ``model``'s graph (default: work on a deep copy, arrays included, as
         torch's ``copy.deepcopy``; the float model stays usable, also with buffer donation).
       axis_name: mapped axis over which observers reduce batch statistics.
@@ -240,9 +253,10 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
     """
     if not inplace:
         model = _copy(model)
-    spec = _L.QConfigSpec(qconfig_spec)
-    out = _prepare_graph(model, spec, qat=False, axis_name=axis_name)
-    spec.warn_unmatched()
+    spec = _L.QConfigSpec(qconfig_spec, module_base=nnx.Module)
+    report: dict = {}
+    out = _prepare_graph(model, spec, qat=False, axis_name=axis_name, report=report)
+    _warn_report(spec, report, "prepare")
     return out
 
 
@@ -269,16 +283,35 @@ def prepare_qat(model, qconfig_spec=None, *, fuse=(), inplace: bool = False, axi
         model = _copy(model)
     if fuse:
         model = fuse_modules_qat(model, fuse, inplace=True)
-    spec = _L.QConfigSpec(qconfig_spec)
+    spec = _L.QConfigSpec(qconfig_spec, module_base=nnx.Module)
+    report: dict = {}
     out = _prepare_graph(model, spec, qat=True, axis_name=axis_name,
-                         bn_unbiased=bn_unbiased_running_var)
-    spec.warn_unmatched()
+                         bn_unbiased=bn_unbiased_running_var, report=report)
+    _warn_report(spec, report, "prepare_qat")
     return out
+
+
+def _warn_report(spec: _L.QConfigSpec, report: dict, fn: str) -> None:
+    """Unmatched spec entries, and a model where nothing got a qconfig (torch's prepare
+    warns "None of the submodule got qconfig applied" in the second case)."""
+    spec.warn_unmatched(known=report["known"])
+    if report["prepared"]:
+        return
+    if report["known"]:
+        why = (f"its quantizable modules ({', '.join(repr(k) for k in report['known'][:10])}) "
+               f"all resolved to qconfig None: check qconfig_spec (one QConfig quantizes the "
+               f"whole model; dict keys are module path regexes or module types)")
+    else:
+        why = ("it has no quantizable module: build it from nnx.Linear / nnx.Conv / nnx.Embed / "
+               "norms and jquant.nnx's QuantStub / EmbeddingBag (custom layers calling jax.lax "
+               "directly are not seen)")
+    warnings.warn(f"jquant.nnx.{fn}: no module was prepared (no observer or fake quant was "
+                  f"inserted), so the model stays float: {why}", UserWarning, stacklevel=3)
 
 
 def propagate_qconfig(model, qconfig_spec=None) -> dict:
     """``{path: QConfig | None}`` for every module, as prepare would resolve them (debug aid)."""
-    spec = _L.QConfigSpec(qconfig_spec)
+    spec = _L.QConfigSpec(qconfig_spec, module_base=nnx.Module)
     out = {}
 
     def walk(node, path, inherited):
