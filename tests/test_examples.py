@@ -1,8 +1,12 @@
-"""The README's demo (examples/qat_digits.py) runs in quick mode: every stage is in the
-printed table with numbers, the accuracies are sane and the histogram PNG is written."""
+"""The examples run in quick mode. The README's demo (examples/qat_digits.py): every stage is
+in the printed table with numbers, the accuracies are sane and the histogram PNG is written.
+examples/embedding_bag_4bit.py (a subprocess): every method's accuracy / AUC / bytes row,
+QAT within 2 points of float, 4-bit < 8-bit < float bytes."""
 import importlib.util
 import pathlib
 import re
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("float", "PTQ MinMax -> int8", "PTQ Histogram -> int8", "QAT (fake quant)",
@@ -59,3 +63,19 @@ def test_embedding_bag_4bit_quick():
     int8, int4 = rows["QAT 8-bit -> int8"][2], rows["QAT 4-bit -> int4"][2]
     assert int4 < int8 < nbytes, rows
     assert rows["PTQ 4-bit (no training)"][2] == int4
+
+
+@pytest.mark.slow
+def test_embedding_bag_4bit_quick_nnx():
+    """The NNX front end of the same example (slow step: one more ~25 s subprocess)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "embedding_bag_4bit.py"),
+                           "--quick", "--front", "nnx"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accs = {name: float(m.group(1)) for name in EB_METHODS
+            for m in [re.search(re.escape(name) + r"\s+([01]\.\d{4})\s+[01]\.\d{4}\s+\d+\s*$",
+                                proc.stdout, re.MULTILINE)] if m}
+    assert set(accs) == set(EB_METHODS), proc.stdout
+    assert all(a >= accs["float"] - 0.02 for a in accs.values()), accs
