@@ -99,15 +99,15 @@ def _step(fq):
 
 
 def _torch_step(tmod, x, g):
-    """torch's forward + backward; returns (y, dx, [param grads]) or None if torch rejects x."""
+    """torch's forward + backward: (y, dx, [param grads]), or the exception torch raised."""
     params = list(tmod.parameters())
     for p in params:
         p.grad = None
     tx = torch.tensor(x, requires_grad=True)
     try:
         ty = tmod(tx)
-    except RuntimeError:
-        return None
+    except (RuntimeError, AssertionError) as e:
+        return e
     ty.backward(torch.from_numpy(g))
     return ty.detach(), tx.grad, [p.grad for p in params]
 
@@ -168,6 +168,25 @@ def _assert_param_grad(actual, expected, terms, what):
     assert ok.all(), f"{what}: jquant {a64} vs torch {e64} (bound {bound})"
 
 
+def _check_torch_rejection(fq, err, x, new_state, where):
+    """torch raised in forward: only in the two documented cases, where the sequence ends.
+
+    * RuntimeError: a non-finite batch gave a per-channel zero point out of range.
+    * AssertionError ``min ... should be less than max``: a moving average rounded the
+      observed min above the max (e.g. a constant batch with ``averaging_constant=1``);
+      torch's ``calculate_qparams`` asserts, jquant's raises ValueError for a concrete state
+      (under jit it cannot raise; tests/test_bad_input.py).
+    """
+    if isinstance(err, RuntimeError):
+        assert fq.is_per_channel and not np.isfinite(x).all(), (where, err)
+        return
+    assert "should be less than max" in str(err), (where, err)
+    app = new_state.activation_post_process
+    assert np.any(np.asarray(app.min_val) > np.asarray(app.max_val)), where
+    with pytest.raises(ValueError):
+        fq.activation_post_process.calculate_qparams(app)
+
+
 def _compare_state(fq, state, tmod, where):
     assert_state_dict_bitexact(fq.state_dict(state), tmod.state_dict(), where)
 
@@ -186,11 +205,11 @@ def _run(fq, tmod, state, steps, start=0):
             where += f" after {toggle}{' (tree)' if tree_level else ''}"
             _compare_state(fq, state, tmod, where + " state before")
         ref = _torch_step(tmod, x, g)
-        if ref is None:
-            assert fq.is_per_channel and not np.isfinite(x).all(), where
+        out = step(state, jnp.asarray(x), jnp.asarray(g))
+        if isinstance(ref, Exception):
+            _check_torch_rejection(fq, ref, x, out[1], where)
             return None
         ty, tgx, tgrads = ref
-        out = step(state, jnp.asarray(x), jnp.asarray(g))
         y, state, gx = out[:3]
         assert_bitexact(y, ty, f"{where} y", ftz=True)
         assert_bitexact(gx, tgx, f"{where} dx", ftz=True)
@@ -264,6 +283,24 @@ def test_fake_quantize_sequences(fq, steps):
     """Output, input grad and the whole state after every step, flags toggled mid-way."""
     tmod = torch_fake_quant(fq)
     _run(fq, tmod, _init(fq), steps)
+
+
+def test_moving_average_min_above_max_ends_like_torch():
+    """A constant batch after a wide one with averaging_constant=1 can round min above max:
+    torch's forward asserts, jquant's concrete calculate_qparams raises ValueError."""
+    lo, hi = F32(-1.6070081), F32(3.9120002)
+    rng = np.random.default_rng(0)
+    for c in rng.uniform(0, 1, 10000).astype(F32):
+        if lo + (c - lo) > hi + (c - hi):  # float32 arithmetic, as both observers
+            break
+    else:
+        raise AssertionError("no such constant found")
+    first = np.linspace(lo, hi, int(np.prod(SHAPE)), dtype=F32).reshape(SHAPE)
+    g = np.ones(SHAPE, F32)
+    for fq in (jq.FakeQuantize(jq.MovingAverageMinMaxObserver, averaging_constant=1.0),
+               jq.LearnableFakeQuantize(jq.MovingAverageMinMaxObserver, averaging_constant=1.0)):
+        steps = [(None, False, first, g), (None, False, np.full(SHAPE, c, F32), g)]
+        assert _run(fq, torch_fake_quant(fq), _init(fq), steps) is None
 
 
 # ----------------------------------------------------------------------------------------
