@@ -82,8 +82,11 @@ LEARNABLE_MODES = ("enable_param_learning", "enable_static_estimate", "enable_st
 # ----------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _step(fq):
-    """jit(forward + VJP) for one config: (y, new_state, dx[, dscale, dzero_point])."""
+def _step(fq, eager=False):
+    """jit(forward + VJP) for one config: (y, new_state, dx[, dscale, dzero_point]).
+
+    ``eager``: the same without jit (concrete flags take the static, skip-the-work paths).
+    """
     learnable = isinstance(fq, jq.LearnableFakeQuantize)
 
     def step(state, x, g):
@@ -95,7 +98,7 @@ def _step(fq):
             return y, new, gx, gs, gz
         y, vjp, new = jax.vjp(lambda v: fq(state, v), x, has_aux=True)
         return y, new, vjp(g)[0]
-    return jax.jit(step)
+    return step if eager else jax.jit(step)
 
 
 def _torch_step(tmod, x, g):
@@ -194,12 +197,12 @@ def _compare_state(fq, state, tmod, where):
     assert_state_dict_bitexact(fq.state_dict(state), tmod.state_dict(), where)
 
 
-def _run(fq, tmod, state, steps, start=0):
+def _run(fq, tmod, state, steps, start=0, eager=False):
     """Run ``steps`` = [(toggle or None, tree_level, x, g)] on both sides, comparing after each.
 
     Returns the final jquant state (or None when torch rejected a batch, see the docstring).
     """
-    step = _step(fq)
+    step = _step(fq, eager)
     learnable = isinstance(fq, jq.LearnableFakeQuantize)
     for i, (toggle, tree_level, x, g) in enumerate(steps):
         where = f"step {start + i}"
@@ -515,6 +518,21 @@ def test_state_dict_round_trips_drawn(fq, first, then, jquant_first):
         where = "torch -> jquant"
     _compare_state(fq, state, tmod, where)
     _run(fq, tmod, state, then, start=len(first))
+
+
+_EAGER_FAST = ("FakeQuantize_per_channel", "FusedMovingAvgObsFakeQuantize",
+               "LearnableFakeQuantize_per_channel")
+
+
+@pytest.mark.parametrize("name", [n if n in _EAGER_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SD_MODULES])
+def test_eager_sequences(name):
+    """Without jit (concrete flags: the disabled work is skipped) the numbers are the same."""
+    fq = SD_MODULES[name]()
+    toggles = (LEARNABLE_MODES + ("disable_observer",) if isinstance(fq, jq.LearnableFakeQuantize)
+               else TOGGLES)
+    init = fq.init() if isinstance(fq, jq.FixedQParamsFakeQuantize) else _init(fq)
+    _run(fq, torch_fake_quant(fq), init, _sd_steps(6, 6, toggles[::-1]), eager=True)
 
 
 def test_state_dict_into_untouched_per_channel_torch_module():
