@@ -39,19 +39,23 @@ Deviations documented and tested here (they cannot be matched by a stateless mod
   sizes both to ``(C,)``.
 
 Other documented rules used here (each has its own tests elsewhere): XLA:CPU flushes
-float32 denormal results to zero (outputs compared with ``ftz=True``); a non-finite batch
-that gives a per-channel zero point torch rejects (``INT32_MIN``) ends the sequence
-(tests/test_bad_input.py); torch's FakeQuantize rejects a negative ``ch_axis`` in forward,
-so only non-negative axes are compared.
+float32 denormal results to zero (outputs compared with ``ftz=True``); a sequence ends
+where torch raises in forward, in the two documented cases only (``_check_torch_rejection``):
+a non-finite batch that gives a per-channel zero point torch rejects (``INT32_MIN``), and a
+moving average that rounds min above max (torch asserts; jquant's concrete
+``calculate_qparams`` raises ValueError; tests/test_bad_input.py). torch's FakeQuantize
+rejects a negative ``ch_axis`` in forward, so only non-negative axes are compared.
 
-State dicts go both ways (jquant -> torch ``load_state_dict`` and torch -> jquant
-``load_state_dict``) and both sides then continue identically; a mismatched state dict
-(missing key, wrong shape) raises :class:`jquant._state_dict.StateDictError` (a ValueError).
+The same sequences also run eagerly (concrete flags, where the disabled work is skipped)
+and with float16 inputs. State dicts go both ways (jquant -> torch ``load_state_dict`` and
+torch -> jquant ``load_state_dict``), for fixed and drawn configs, and both sides then
+continue identically; a mismatched state dict (missing key, unexpected key, wrong shape)
+raises :class:`jquant._state_dict.StateDictError` (a ValueError). ``@pytest.mark.slow``
+variants draw more examples.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -533,6 +537,24 @@ def test_eager_sequences(name):
                else TOGGLES)
     init = fq.init() if isinstance(fq, jq.FixedQParamsFakeQuantize) else _init(fq)
     _run(fq, torch_fake_quant(fq), init, _sd_steps(6, 6, toggles[::-1]), eager=True)
+
+
+@pytest.mark.parametrize("name", ["FakeQuantize", "FakeQuantize_per_channel", "LearnableFakeQuantize",
+                                  "FixedQParamsFakeQuantize"])
+def test_float16_inputs(name):
+    """float16 batches: observed and fake-quantized in float32, returned as float16, as torch."""
+    fq = SD_MODULES[name]()
+    tmod = torch_fake_quant(fq)
+    state = fq.init() if isinstance(fq, jq.FixedQParamsFakeQuantize) else _init(fq)
+    rng = np.random.default_rng(7)
+    apply = jax.jit(fq.apply)
+    for i in range(3):
+        x = (rng.standard_normal(SHAPE) * (i + 1)).astype(np.float16)
+        ty = tmod(torch.from_numpy(x))
+        y, state = apply(state, x)
+        assert y.dtype == jnp.float16 and ty.dtype == torch.float16
+        assert_bitexact(np.asarray(y).astype(F32), ty.float(), f"step {i} y")
+        _compare_state(fq, state, tmod, f"step {i} state")
 
 
 def test_state_dict_into_untouched_per_channel_torch_module():
