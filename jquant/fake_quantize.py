@@ -119,6 +119,16 @@ def _check_fq_state(owner, state, state_type, method: str = "apply") -> None:
                          f"{type(state).__name__}")
 
 
+def _sized_observer_state(app, app_state, x):
+    """A never-run per-channel observer state from torch (empty ``(0,)`` buffers) sized for
+    ``x`` (``+-inf``: still unobserved), so that a traced observer flag selects between
+    states of one shape; any other state unchanged."""
+    mn = getattr(app_state, "min_val", None)
+    if mn is None or mn.shape != (0,) or not jnp.size(x) or not hasattr(app, "ch_axis"):
+        return app_state
+    return app.init(num_channels=x.shape[app.ch_axis])._replace(eps=app_state.eps)
+
+
 def _build_observer(observer, kwargs):
     if isinstance(observer, ObserverBase):
         raise ValueError("observer must be an observer class or factory (e.g. "
@@ -274,13 +284,8 @@ class FakeQuantize(FakeQuantizeBase):
         if obs_on is False:
             return state
         app = self.activation_post_process
-        app_state = state.activation_post_process
-        if (self.is_per_channel and x.size and getattr(app_state, "min_val", None) is not None
-                and app_state.min_val.shape == (0,)):
-            # torch's never-run per-channel observer (empty buffers): size it now, so that a
-            # traced observer_enabled selects between states of one shape
-            app_state = app.init(num_channels=x.shape[app.ch_axis])._replace(eps=app_state.eps)
-            state = state._replace(activation_post_process=app_state)
+        app_state = _sized_observer_state(app, state.activation_post_process, x)
+        state = state._replace(activation_post_process=app_state)
         new_app = app.update(app_state, x, axis_name=axis_name)
         s, z = app.calculate_qparams(new_app)
         new = state._replace(activation_post_process=new_app, scale=s.astype(jnp.float32),
@@ -529,7 +534,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         fq_on = _read_flag(state.fake_quant_enabled)
         learn_on = _read_flag(state.learning_enabled)
         clamped = jnp.maximum(state.scale, state.eps)
-        scale_val, zp_val, app_state = clamped, state.zero_point, state.activation_post_process
+        app_state = state.activation_post_process
+        if static_on is not False:
+            app_state = _sized_observer_state(app, app_state, x)
+        scale_val, zp_val = clamped, state.zero_point
         if static_on is not False and x.size:
             new_app = app.update(app_state, x, axis_name=axis_name)
             s, z = app.calculate_qparams(new_app)

@@ -579,6 +579,17 @@ def test_state_dict_into_untouched_per_channel_torch_module():
     assert_bitexact(jitted.zero_point, np.broadcast_to(tmod.zero_point.numpy(), (SHAPE[1],)), "zp")
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_learnable_from_untouched_per_channel_torch_module(eager):
+    """torch's never-run per-channel learnable module (empty observer buffers) -> jquant."""
+    fq = SD_MODULES["LearnableFakeQuantize_per_channel"]()
+    tmod = torch_fake_quant(fq)
+    state = fq.load_state_dict(tmod.state_dict())
+    assert state.activation_post_process.min_val.shape == (0,)
+    _run(fq, tmod, state, _sd_steps(2, 4, ("enable_param_learning", "enable_static_estimate")),
+         eager=eager)
+
+
 def test_learnable_grads_follow_learning_enabled():
     """The documented rule: jquant's qparam grads follow learning_enabled (torch's
     requires_grad, True at construction until the first mode call)."""
