@@ -28,6 +28,8 @@ from jquant._config import Factory
 from jquant._state_dict import StateDictError
 from jquant.qconfig import *  # noqa: F401,F403
 from jquant import qconfig as _qconfig_module
+# integer inference (registers the packed-weight pytrees that exported converted models take)
+from jquant import quantized  # noqa: F401
 
 __version__ = "0.1.0"
 
