@@ -266,7 +266,8 @@ def fake_quantizes(draw):
 
 
 @st.composite
-def step_sequences(draw, toggles=TOGGLES, special=True, n_max=5):
+def step_sequences(draw, toggles=TOGGLES, special=True, n_max=5,
+                   magnitudes=(1e-6, 1e-3, 1.0, 3.0, 100.0, 1e6)):
     """[(toggle, tree_level, x, g)]: the first step observes with the initial flags."""
     n = draw(st.integers(2, n_max))
     offset = draw(st.sampled_from([0.0, 0.0, 0.5, -2.0, 1e3]))
@@ -275,7 +276,7 @@ def step_sequences(draw, toggles=TOGGLES, special=True, n_max=5):
         toggle = None if i == 0 else draw(st.sampled_from((None,) + toggles))
         x = draw(arrays(SHAPE, special=special,
                         kinds=("normal", "uniform_pos", "uniform_neg", "grid", "constant"),
-                        magnitudes=(1e-6, 1e-3, 1.0, 3.0, 100.0, 1e6)))
+                        magnitudes=magnitudes))
         g = draw(arrays(SHAPE, kinds=("normal",), magnitudes=(1.0,)))
         out.append((toggle, draw(st.booleans()), (x + F32(offset)).astype(F32), g))
     return out
@@ -633,16 +634,21 @@ def test_state_dict_mismatch_raises(name):
 # Slow: the same sequences, more examples (CI's slow step)
 # ----------------------------------------------------------------------------------------
 
+#: tiny to huge magnitudes (the default tests keep to 1e-6 .. 1e6)
+WIDE = (1e-30, 1e-12, 1e-6, 1.0, 1e6, 1e20, 1e30)
+
+
 @pytest.mark.slow
 @settings(max_examples=100)
-@given(fake_quantizes(), step_sequences(n_max=7))
+@given(fake_quantizes(), step_sequences(n_max=7, magnitudes=WIDE))
 def test_fake_quantize_sequences_more(fq, steps):
     _run(fq, torch_fake_quant(fq), _init(fq), steps)
 
 
 @pytest.mark.slow
 @settings(max_examples=100)
-@given(learnables(), step_sequences(toggles=TOGGLES + LEARNABLE_MODES, special=False, n_max=8))
+@given(learnables(), step_sequences(toggles=TOGGLES + LEARNABLE_MODES, special=False, n_max=8,
+                                    magnitudes=WIDE))
 def test_learnable_sequences_more(fq, steps):
     _run(fq, torch_fake_quant(fq), _init(fq), steps)
 
