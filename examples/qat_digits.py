@@ -6,8 +6,8 @@ digit images bundled with scikit-learn, with either Flax front end (``--front li
 1. float training (optax Adam);
 2. post-training quantization: ``prepare`` with MinMax or Histogram activation observers
    and per-channel symmetric int8 weights, calibration on training batches, ``convert``
-   (nnx: ``fuse_modules`` folds each ReLU into its layer first; jquant.linen's ``prepare``
-   takes no fuse groups, so the Linen PTQ observers see the pre-ReLU outputs);
+   (each ReLU fused into its layer first, as torch's ``fuse_modules``: nnx
+   ``fuse_modules``, linen ``prepare(..., fuse=...)``), so observers see post-ReLU outputs;
 3. quantization-aware training: ``prepare_qat`` with the backend's default QAT qconfig
    (conv/dense + ReLU fused), observers frozen for the last epoch, then ``convert``;
 4. integer evaluation of every converted model (``--backend x86|qnnpack`` picks the
@@ -134,7 +134,7 @@ class LinenFront:
         return jl.parameter_bytes(st[1])
 
     def observe(self, float_st, act_observer):
-        pm = jl.prepare(self.model, ptq_qconfig(act_observer, self.backend))
+        pm = jl.prepare(self.model, ptq_qconfig(act_observer, self.backend), fuse=LINEN_FUSE)
         v = dict(jax.jit(pm.init)(jax.random.PRNGKey(self.seed), jnp.zeros((1, 8, 8, 1))))
         v["params"] = float_st[1]["params"]
         return [pm, v]

@@ -892,6 +892,22 @@ def test_prepare_ptq_matches_torch_observers():
                 np.testing.assert_allclose(v, tsd[k], rtol=1e-6, err_msg=f"{qconfig} {jname} {k}")
 
 
+def test_prepare_fuse_argument_equals_fuse_modules_first():
+    """``prepare(model, qconfig, fuse=groups)`` is ``prepare(fuse_modules(model, groups))``."""
+    j = NNXFused()
+    qc = jq.QConfig(activation=jq.MinMaxObserver, weight=jq.default_per_channel_weight_observer)
+    a = jqn.prepare(j, qc, fuse=FUSE_GROUPS)
+    b = jqn.prepare(jqn.fuse_modules(j, FUSE_GROUPS), qc)
+    assert type(a.c2) is type(b.c2) and type(a.b2) is jqn.Identity
+    xs = [_rand(4, 6, 6, 3), _rand(4, 7, 3), _rand(2, 4, 4, 4, 2), _rand(4, 6)]
+    for oa, ob in zip(a(*[jnp.asarray(x) for x in xs]), b(*[jnp.asarray(x) for x in xs])):
+        np.testing.assert_array_equal(np.asarray(oa), np.asarray(ob))
+    sa, sb = jqn.get_observer_dict(a), jqn.get_observer_dict(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k].state.min_val, sb[k].state.min_val)
+
+
 def test_fuse_modules_folds_bn_like_torch():
     """PTQ fusion (torch's fuse_modules in eval mode): BN folded into the weights."""
     j = NNXFused()

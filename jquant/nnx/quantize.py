@@ -227,7 +227,7 @@ def _prepare_graph(root, spec: _L.QConfigSpec, qat: bool, axis_name, bn_unbiased
     return root if new_root is None else new_root
 
 
-def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
+def prepare(model, qconfig_spec=None, *, fuse=(), inplace: bool = False, axis_name=None):
     """Attaches activation observers for post-training calibration; ``torch.ao.quantization.prepare``.
 
     Args:
@@ -243,6 +243,8 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
       inplace: modify ``model``'s graph (default: work on a deep copy, arrays included, as
         torch's ``copy.deepcopy``; the float model stays usable, also with buffer donation).
       axis_name: mapped axis over which observers reduce batch statistics.
+      fuse: groups for :func:`fuse_modules` (eval-mode fusion, BatchNorm folded into the
+        weights), applied first, as the Linen front end's ``prepare(..., fuse=...)``.
 
     Returns the prepared model: every quantizable leaf with a qconfig becomes an
     ``Observed<Type>`` (same Variables and paths) whose output goes through
@@ -253,6 +255,8 @@ def prepare(model, qconfig_spec=None, *, inplace: bool = False, axis_name=None):
     """
     if not inplace:
         model = _copy(model)
+    if fuse:
+        model = fuse_modules(model, fuse, inplace=True)
     spec = _L.QConfigSpec(qconfig_spec, module_base=nnx.Module)
     report: dict = {}
     out = _prepare_graph(model, spec, qat=False, axis_name=axis_name, report=report)
