@@ -410,11 +410,15 @@ _COUNT_CHUNK = 1 << 18
 _TWO_LANES_MIN = 1 << 22
 
 
-def _count_block(acc, xb, lo, hi, bins: int, tiny):
+def _count_block(acc, xb, lo, hi, bins: int, scaled: bool):
     """Adds the finite elements of ``xb`` ``(C, n)`` into ``acc`` ``(lanes, C * (bins + 1))``:
-    one scatter-add per lane over its share of ``xb``."""
+    one scatter-add per lane over its share of ``xb``. ``scaled``: the range is within
+    2**-64 of zero (values and range scaled up exactly, see :func:`_positions`)."""
     c = xb.shape[0]
-    pos = _positions(xb, lo[:, None], hi[:, None], bins, tiny)
+    if scaled:
+        pos = _positions_core(_scale_up(xb), _scale_up(lo)[:, None], _scale_up(hi)[:, None], bins)
+    else:
+        pos = _positions_core(xb, lo[:, None], hi[:, None], bins)
     width = bins + 1
     flat = (jnp.where(jnp.isfinite(xb), pos, bins)
             + (jnp.arange(c, dtype=I32) * width)[:, None]).reshape(-1)
@@ -433,17 +437,24 @@ def _counts(x2d, lo, hi, bins: int, axis_name):
     c, n = x2d.shape
     tiny = jnp.any(_is_tiny(lo) & _is_tiny(hi))
     lanes = 2 if c * n >= _TWO_LANES_MIN else 1
-    acc = _zeros((lanes, c * (bins + 1)), I32, x2d, lo, hi)
     cols = max(1, _COUNT_CHUNK // c)
     steps = n // cols if c * n > 2 * _COUNT_CHUNK else 0
-    if steps:
-        def body(i, acc):   # slices x2d in place (a reshaped prefix would be a copy)
-            xb = lax.dynamic_slice_in_dim(x2d, i * cols, cols, axis=1)
-            return _count_block(acc, xb, lo, hi, bins, tiny)
 
-        acc = lax.fori_loop(0, steps, body, acc)
-    if steps * cols < n:
-        acc = _count_block(acc, x2d[:, steps * cols:], lo, hi, bins, tiny)
+    def count(x2d, lo, hi, scaled):
+        acc = _zeros((lanes, c * (bins + 1)), I32, x2d, lo, hi)
+        if steps:
+            def body(i, acc):   # slices x2d in place (a reshaped prefix would be a copy)
+                xb = lax.dynamic_slice_in_dim(x2d, i * cols, cols, axis=1)
+                return _count_block(acc, xb, lo, hi, bins, scaled)
+
+            acc = lax.fori_loop(0, steps, body, acc)
+        if steps * cols < n:
+            acc = _count_block(acc, x2d[:, steps * cols:], lo, hi, bins, scaled)
+        return acc
+
+    # one branch for the whole batch: the bin positions fuse into the scatter-add
+    acc = lax.cond(tiny, functools.partial(count, scaled=True),
+                   functools.partial(count, scaled=False), x2d, lo, hi)
     counts = jnp.sum(acc, axis=0).reshape(c, bins + 1)[:, :bins]
     return collectives.all_sum(counts, axis_name).astype(F32)
 
