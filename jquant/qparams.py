@@ -236,7 +236,7 @@ def choose_qparams_per_tensor(x, reduce_range: bool = False):
     x = nm.f32(x)
     if x.size == 0:
         raise ValueError("x is empty: choose_qparams_per_tensor needs at least one element")
-    mn, mx = jnp.min(x), jnp.max(x)
+    mn, mx = nm.aminmax(x)
     if nm.is_concrete(mn, mx) and (bool(jnp.isnan(mn)) or bool(jnp.isnan(mx))):
         raise ValueError("x contains NaN: min should be less than or equal to max")
     with nm.enable_x64():

@@ -274,3 +274,30 @@ def test_state_dict_metadata_keeps_eps_in_torch():
     tobs.load_state_dict(jq_sd_to_torch(obs.state_dict(state)))
     assert_bitexact(tobs.eps, state.eps, "eps")
     _run(obs, tobs, state, [np.array([3e-5, -1e-5], F32)])
+
+
+@pytest.mark.parametrize("shape,per_channel", [((40000,), False), ((2000, 16), True),
+                                               ((16, 2000), True)])
+def test_nan_in_large_batches_propagates_like_torch(shape, per_channel):
+    """A NaN in a large batch reaches min_val / max_val as in torch (XLA:CPU's library
+    min / max kernels for >= ~10k elements skip NaN; jquant's reductions do not)."""
+    x = np.random.default_rng(7).standard_normal(shape).astype(F32)
+    x.reshape(-1)[x.size // 3] = np.nan
+    if per_channel:
+        obs, tob = jq.PerChannelMinMaxObserver(ch_axis=1), torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=1)
+    else:
+        obs, tob = jq.MinMaxObserver(), torch.ao.quantization.MinMaxObserver()
+    state = jax.jit(obs.update)(obs.init(x), jnp.asarray(x))
+    tob(torch.from_numpy(x.copy()))
+    assert_bitexact(state.min_val, tob.min_val.numpy())
+    assert_bitexact(state.max_val, tob.max_val.numpy())
+    x_inf = np.random.default_rng(8).standard_normal(shape).astype(F32)
+    x_inf.reshape(-1)[0], x_inf.reshape(-1)[-1] = np.inf, -np.inf   # sum is NaN, no NaN
+    state = jax.jit(obs.update)(obs.init(x_inf), jnp.asarray(x_inf))
+    tob.reset_min_max_vals()
+    tob(torch.from_numpy(x_inf.copy()))
+    assert_bitexact(state.min_val, tob.min_val.numpy())
+    assert_bitexact(state.max_val, tob.max_val.numpy())
+    fq = jq.FusedMovingAvgObsFakeQuantize()
+    _, fstate = jax.jit(fq)(fq.init(x.reshape(-1)), jnp.asarray(x.reshape(-1)))
+    assert np.isnan(np.asarray(fstate.activation_post_process.min_val))
