@@ -46,6 +46,12 @@ def is_namedtuple(v) -> bool:
     return isinstance(v, tuple) and hasattr(type(v), "_fields")
 
 
+def _config_attr(name: str) -> property:
+    """A read-only attribute forwarded to the module's config (torch's attribute ``name``)."""
+    return property(lambda self: getattr(self.config, name),
+                    doc=f"The config's ``{name}`` (torch's attribute of the same name).")
+
+
 class PostProcess(nnx.Module):
     """An observer or fake-quantize module with its state in an NNX Variable.
 
@@ -109,25 +115,10 @@ class PostProcess(nnx.Module):
     # -- torch-like helpers ---------------------------------------------------------------
     # torch's fake-quant / observer modules expose their settings as attributes
     # (``fq.quant_min``, ``fq.dtype``, ...): read here from the config.
-    @property
-    def quant_min(self):
-        """The config's ``quant_min`` (torch's attribute of the same name)."""
-        return self.config.quant_min
-
-    @property
-    def quant_max(self):
-        """The config's ``quant_max`` (torch's attribute of the same name)."""
-        return self.config.quant_max
-
-    @property
-    def dtype(self):
-        """The config's quantized ``dtype`` (torch's attribute of the same name)."""
-        return self.config.dtype
-
-    @property
-    def qscheme(self):
-        """The config's ``qscheme`` (torch's attribute of the same name)."""
-        return self.config.qscheme
+    quant_min = _config_attr("quant_min")
+    quant_max = _config_attr("quant_max")
+    dtype = _config_attr("dtype")
+    qscheme = _config_attr("qscheme")
 
     def calculate_qparams(self):
         """``(scale, zero_point)`` from the config's rule (torch's ``calculate_qparams()``)."""
