@@ -97,6 +97,41 @@ def mul_rounded(a, b):
     return _mul_isolated_ad(a, b)
 
 
+def _fma_round_to_odd(a, b, c):
+    # float64 operands from float32: a*b is exact; s = RN64(a*b + c); e = its exact error
+    # (TwoSum). Round-to-odd (truncate toward zero, set the last bit when inexact), then one
+    # rounding to float32, gives the correctly rounded fused multiply-add. Truncating is a
+    # one-ulp step of the magnitude (bits - 1) when s was rounded away from zero.
+    p = a * b
+    s = p + c
+    bb = s - p
+    e = (p - (s - bb)) + (c - bb)
+    inexact = e != 0
+    away = inexact & ((e > 0) != (s > 0))
+    bits = lax.bitcast_convert_type(s, jnp.int64)
+    bits = (bits - away.astype(jnp.int64)) | inexact.astype(jnp.int64)
+    return jnp.where(jnp.isfinite(s), lax.bitcast_convert_type(bits, jnp.float64), s)
+
+
+def _fma_f64(a, b, c):
+    # rounded to float32 precision inside float64 (reduce_precision) before the cast: XLA
+    # drops f64 -> f32 -> f64 convert pairs when an exact op reads the result.
+    with enable_x64():
+        r = _fma_round_to_odd(*(v.astype(jnp.float64) for v in (a, b, c)))
+        return lax.reduce_precision(r, exponent_bits=8, mantissa_bits=23).astype(jnp.float32)
+
+
+def fma_f32(a, b, c):
+    """float32 ``a * b + c`` with one rounding (``std::fma`` / vfmadd, as torch's and
+    fbgemm's CPU kernels compute it). Arguments broadcast against each other.
+
+    Exact through float64 (round-to-odd) on CPU / GPU; on TPU (no float64) the plain
+    expression, which XLA contracts into a fused multiply-add there.
+    """
+    a, b, c = f32(a), f32(b), f32(c)
+    return lax.platform_dependent(a, b, c, tpu=lambda u, v, w: u * v + w, default=_fma_f64)
+
+
 def enable_x64():
     """Context manager that traces float64 ops (used for torch's double-precision scalars)."""
     fn = getattr(jax, "enable_x64", None)

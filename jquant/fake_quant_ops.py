@@ -144,30 +144,8 @@ def _clamped_diff_parts(qf, zp_i, qmin: int, qmax: int):
     return s, err + (vl - zl)
 
 
-def _fma_f64(a, b, c):
-    # Round-to-odd in float64 then round to float32 == one rounding of a*b + c.
-    with nm.enable_x64():
-        f64 = jnp.float64
-        prod = a.astype(f64) * b.astype(f64)  # exact
-        cc = c.astype(f64)
-        s = prod + cc
-        bb = s - prod
-        err = (prod - (s - bb)) + (cc - bb)  # TwoSum error, exact
-        bits = lax.bitcast_convert_type(s, jnp.int64)
-        step = jnp.where((err > 0) == (s > 0), jnp.int64(1), jnp.int64(-1))
-        odd = lax.bitcast_convert_type(bits + step, f64)
-        fix = (err != 0) & ((bits & 1) == 0) & jnp.isfinite(s)
-        return jnp.where(fix, odd, s).astype(jnp.float32)
-
-
-def _fma_f32(a, b, c):
-    """float32 ``a * b + c`` with one rounding (a fused multiply-add, as fbgemm's AVX2 code).
-
-    Exact through float64 on CPU/GPU; elsewhere the plain expression (which XLA contracts).
-    """
-    a, b, c = jnp.broadcast_arrays(nm.f32(a), nm.f32(b), nm.f32(c))
-    return lax.platform_dependent(a, b, c, cpu=_fma_f64, cuda=_fma_f64,
-                                  default=lambda u, v, w: u * v + w)
+#: float32 ``a * b + c`` with one rounding (a fused multiply-add, as fbgemm's AVX2 code).
+_fma_f32 = nm.fma_f32
 
 
 def _mul_f64_cpu(d_hi, d_lo, scale):

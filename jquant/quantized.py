@@ -234,29 +234,8 @@ def _div(a, b):
     return _exact(lambda u, v: u / v, a, b)
 
 
-def _fma64(a, b, c):
-    # a*b is exact in float64; s = RN64(a*b + c); e = its exact error (TwoSum). Round-to-odd
-    # (truncate toward zero, set the last bit when inexact) then one rounding to float32
-    # gives the correctly rounded fused multiply-add. Truncating is a one-ulp step of the
-    # magnitude (bits - 1) when s was rounded away from zero; s == 0 is always exact.
-    p = a * b
-    s = p + c
-    bb = s - p
-    e = (p - (s - bb)) + (c - bb)
-    inexact = e != 0
-    away = inexact & ((e > 0) != (s > 0))
-    bits = lax.bitcast_convert_type(s, jnp.int64)
-    bits = (bits - away.astype(jnp.int64)) | inexact.astype(jnp.int64)
-    return jnp.where(jnp.isfinite(s), lax.bitcast_convert_type(bits, jnp.float64), s)
-
-
-def _fma(a, b, c):
-    """``fma(a, b, c)`` in float32 with one rounding (torch's ``std::fma`` / vfmadd).
-
-    Arguments broadcast against each other (per-channel operands stay small).
-    """
-    a, b, c = (jnp.asarray(v, _F32) for v in (a, b, c))
-    return lax.platform_dependent(a, b, c, tpu=lambda u, v, w: u * v + w, default=_f64(_fma64))
+#: ``fma(a, b, c)`` in float32 with one rounding (torch's ``std::fma`` / vfmadd).
+_fma = nm.fma_f32
 
 
 def _scalar(v, name, dtype):
