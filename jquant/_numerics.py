@@ -85,6 +85,15 @@ def _mul_isolated_jvp(primals, tangents):
     return _mul_isolated(a, b), da * b + a * db
 
 
+def unfused(p):
+    """A product ``p`` kept apart from the following add (rounded on its own, as torch's
+    separate tensor ops round), at no cost: XLA:CPU contracts ``p + c`` into one fused
+    multiply-add inside a fusion, and a select on ``p == p`` (LLVM cannot see through it
+    without fast-math flags) hides the multiply. A NaN stays NaN.
+    """
+    return jnp.where(p == p, p, -p)
+
+
 def mul_rounded(a, b):
     """``f32(a * b)`` rounded on its own, as torch's separate tensor ops round.
 

@@ -81,15 +81,6 @@ def _is_wide(qmin: int, qmax: int) -> bool:
     return max(abs(qmin), abs(qmax)) > _F32_EXACT_INT
 
 
-def _rounded(p):
-    """``p`` (a product) rounded to float32 on its own, as torch's kernels do.
-
-    XLA:CPU contracts ``a + b * c`` into one fused multiply-add inside a fused kernel; a
-    select on ``p == p`` (NaN keeps a NaN) hides the multiply from the contraction.
-    """
-    return jnp.where(p == p, p, -p)
-
-
 def _unsigned_zero(d):
     """``d`` with -0.0 replaced by +0.0 (torch's integer differences have no signed zero)."""
     return jnp.where(d == 0, jnp.zeros((), d.dtype), d)
@@ -552,7 +543,7 @@ def quantize_per_tensor(x, scale, zero_point, dtype):
     if d.name == "uint4":
         qf = zp + nm.rne(x * inv)
         return _to_storage(jnp.where(nm.in_int64_range(qf), qf, jnp.float32(lo)), lo, hi, d, lo)
-    qf = nm.rne(zp + _rounded(x * inv))
+    qf = nm.rne(zp + nm.unfused(x * inv))
     return _to_storage(qf, lo, hi, d, lo)
 
 
@@ -575,7 +566,7 @@ def quantize_per_channel(x, scale, zero_point, axis: int, dtype):
     s = nm.f32(scale).reshape(bshape)
     float_zp = jnp.issubdtype(zero_point.dtype, jnp.floating)
     z = nm.f32(zero_point if float_zp else _zp_to_int32(zero_point)).reshape(bshape)
-    qf = nm.rne(z + _rounded(x * (jnp.float32(1.0) / s)))
+    qf = nm.rne(z + nm.unfused(x * (jnp.float32(1.0) / s)))
     if float_zp:
         return _to_storage(_wrap_int32_float(qf), lo, hi, d, lo)
     return _to_storage(qf, lo, hi, d, lo if d.name == "int32" else 0)

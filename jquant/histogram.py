@@ -171,13 +171,11 @@ def _div(a, d):
 def _mul(a, b):
     """``f32(a * b)`` rounded on its own (torch rounds every tensor op separately).
 
-    XLA:CPU contracts ``a * b + c`` into one FMA. A select on the product (which LLVM
-    cannot see through without fast-math flags) keeps the multiply and the add apart,
-    at no cost. (``jquant._numerics.mul_rounded`` does the same with a conditional, which
-    is much slower to compile; the search has a dozen such products.)
+    XLA:CPU contracts ``a * b + c`` into one FMA; :func:`jquant._numerics.unfused` keeps
+    them apart at no cost. (``mul_rounded`` does the same with a conditional, which is
+    much slower to compile; the search has a dozen such products.)
     """
-    p = jnp.asarray(a) * jnp.asarray(b)
-    return jnp.where(p == p, p, jnp.asarray(jnp.nan, p.dtype))
+    return nm.unfused(jnp.asarray(a) * jnp.asarray(b))
 
 
 def _floor_divide(a, b):
