@@ -169,28 +169,35 @@ def _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax):
 _ISOLATE_MIN_SIZE = 1 << 14
 
 
-def _fq_per_tensor_math(x, scale, zp_i, qmin, qmax):
-    """``(y, mask)``; on CPU a large ``x`` is fake-quantized in its own computation.
+def _fq_per_tensor_math(x, scale, zp_i, on, qmin, qmax):
+    """``(y, mask)``; ``on``: None, or a traced bool (off: ``y = x``, ``mask`` all true).
 
-    XLA:CPU otherwise fuses the op with its producer's broadcast (a Dense / Conv bias) and
-    its consumer's reshape (a flatten before the next Dense) into one loop whose indexing
-    defeats vectorization: 3-6x slower than the op alone (a QAT step of a small CNN spent
-    ~10% of its time there). A conditional is a fusion boundary (``nm.isolate``); its
-    predicate reads only the scale.
+    On CPU a large ``x`` is fake-quantized in its own computation: XLA:CPU otherwise fuses
+    the op with its producer's broadcast (a Dense / Conv bias) and its consumer's reshape (a
+    flatten before the next Dense) into one loop whose indexing defeats vectorization: 3-6x
+    slower than the op alone (a QAT step of a small CNN spent ~10% of its time there). A
+    conditional is a fusion boundary (``nm.isolate``); its predicate reads only the scale.
+    The flag is applied in the same pass (a select after the conditional would be a
+    further pass over ``x``).
     """
+    def math(u, s, z, *flag):
+        y, mask = _fq_per_tensor_fwd_math(u, s, z, qmin, qmax)
+        if flag:
+            y, mask = jnp.where(flag[0], y, u), mask | ~flag[0]
+        return y, mask
+    args = (x, scale, zp_i) + (() if on is None else (on,))
     if x.size < _ISOLATE_MIN_SIZE:
-        return _fq_per_tensor_fwd_math(x, scale, zp_i, qmin, qmax)
-    return nm.isolate(lambda u, s, z: _fq_per_tensor_fwd_math(u, s, z, qmin, qmax),
-                      x, scale, zp_i, key=1)
+        return math(*args)
+    return nm.isolate(math, *args, key=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fq_per_tensor(x, scale, zp_i, qmin, qmax):
-    return _fq_per_tensor_math(x, scale, zp_i, qmin, qmax)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fq_per_tensor(x, scale, zp_i, on, qmin, qmax):
+    return _fq_per_tensor_math(x, scale, zp_i, on, qmin, qmax)[0]
 
 
-def _fq_per_tensor_fwd(x, scale, zp_i, qmin, qmax):
-    y, mask = _fq_per_tensor_math(x, scale, zp_i, qmin, qmax)
+def _fq_per_tensor_fwd(x, scale, zp_i, on, qmin, qmax):
+    y, mask = _fq_per_tensor_math(x, scale, zp_i, on, qmin, qmax)
     return y, (mask, jnp.zeros_like(scale))
 
 
@@ -202,10 +209,17 @@ def _masked(g, mask):
 
 def _fq_mask_bwd(qmin, qmax, res, g):
     mask, zs = res
-    return _masked(g, mask), zs, None
+    return _masked(g, mask), zs, None, None
 
 
 _fq_per_tensor.defvjp(_fq_per_tensor_fwd, _fq_mask_bwd)
+
+
+def _fq_per_tensor_args(scale, zero_point, quant_min, quant_max):
+    qmin, qmax = _check_range(quant_min, quant_max)
+    scale = nm.f32(_scalar_param(scale, "scale"))
+    zp = _zp_to_int32(_scalar_param(zero_point, "zero_point"))
+    return scale, zp, qmin, qmax
 
 
 def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_max: int):
@@ -231,12 +245,24 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_
     inputs above ~2**100 to 0, where torch keeps the subnormal. Finite inputs whose
     quantized value is 0 anyway (everything below ~2**100) match torch.
     """
-    qmin, qmax = _check_range(quant_min, quant_max)
     x = jnp.asarray(x)
-    scale = nm.f32(_scalar_param(scale, "scale"))
-    zp = _zp_to_int32(_scalar_param(zero_point, "zero_point"))
-    y = _fq_per_tensor(nm.f32(x), scale, zp, qmin, qmax)
-    return y.astype(x.dtype)
+    scale, zp, qmin, qmax = _fq_per_tensor_args(scale, zero_point, quant_min, quant_max)
+    return _fq_per_tensor(nm.f32(x), scale, zp, None, qmin, qmax).astype(x.dtype)
+
+
+def fake_quantize_per_tensor_affine_if(x, scale, zero_point, enabled, quant_min: int,
+                                       quant_max: int):
+    """``fake_quantize_per_tensor_affine(x, ...)`` where the traced boolean ``enabled`` is
+    true, ``x`` itself where it is false; one pass over ``x`` (torch: the ``if
+    fake_quant_enabled`` branch of ``FakeQuantize.forward``).
+
+    The gradient is ``g * mask`` when enabled and ``g`` otherwise (torch's exact values,
+    ``-0.0`` included). Internal to the fake-quant modules; ``enabled`` is a scalar bool.
+    """
+    x = jnp.asarray(x)
+    scale, zp, qmin, qmax = _fq_per_tensor_args(scale, zero_point, quant_min, quant_max)
+    on = jnp.reshape(jnp.asarray(enabled, jnp.bool_), ())
+    return _fq_per_tensor(nm.f32(x), scale, zp, on, qmin, qmax).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,7 +409,7 @@ def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lsq_per_tensor(x, scale, zp, qmin, qmax, grad_factor):
     zf = nm.x86_f32_to_int32(jnp.clip(nm.rne(zp), qmin, qmax))
-    y = _fq_per_tensor_math(x, scale, zf, qmin, qmax)[0]
+    y = _fq_per_tensor_math(x, scale, zf, None, qmin, qmax)[0]
     return jnp.where(jnp.isnan(zp), jnp.float32(jnp.nan), y)  # torch raises for a NaN zp
 
 

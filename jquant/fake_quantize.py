@@ -28,7 +28,8 @@ from jquant._state_dict import StateDictError, check_keys, sub_dict, to_numpy, w
 from jquant.fake_quant_ops import (fake_quantize_learnable_per_channel_affine,
                                    fake_quantize_learnable_per_tensor_affine,
                                    fake_quantize_per_channel_affine,
-                                   fake_quantize_per_tensor_affine)
+                                   fake_quantize_per_tensor_affine,
+                                   fake_quantize_per_tensor_affine_if)
 from jquant.fused import fused_moving_avg_obs_fake_quant
 from jquant.observers import (FixedQParamsObserver, MovingAverageMinMaxObserver,
                               MovingAveragePerChannelMinMaxObserver, ObserverBase)
@@ -311,6 +312,9 @@ class FakeQuantize(FakeQuantizeBase):
         fq_on = _read_flag(state.fake_quant_enabled)
         if fq_on is False or x.size == 0:
             return x, state
+        if fq_on is not True and not self.is_per_channel:  # the flag applied in the same pass
+            return fake_quantize_per_tensor_affine_if(x, state.scale, state.zero_point, fq_on,
+                                                      self.quant_min, self.quant_max), state
         y = self._fake_quant(state, x)
         if fq_on is not True:
             y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients

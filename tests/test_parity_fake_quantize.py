@@ -342,6 +342,31 @@ def test_fused_module_sequences(kw, steps):
     _run(fq, tmod, _init(fq), steps)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: jq.FakeQuantize(observer=jq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255),
+    lambda: jq.FusedMovingAvgObsFakeQuantize(averaging_constant=0.5),
+    lambda: jq.FusedMovingAvgObsFakeQuantize(quant_min=-128, quant_max=127, dtype=jq.qint8,
+                                             qscheme=jq.per_tensor_symmetric),
+], ids=["FakeQuantize", "Fused", "Fused-symmetric"])
+def test_large_inputs_with_traced_flags(make):
+    """Per-tensor fake quant of >= 16k elements (its own XLA computation on CPU) with the
+    flags toggled at run time: output, ``dY * mask`` gradient (-0.0 where masked) and state
+    equal torch's, as for small inputs."""
+    fq = make()
+    tmod = torch_fake_quant(fq)
+    rng = np.random.default_rng(7)
+    shape = (40, 512)
+    steps = []
+    for i, toggle in enumerate((None, "disable_fake_quant", "enable_fake_quant", "disable_observer",
+                                None, "disable_fake_quant", "enable_observer")):
+        x = (rng.normal(size=shape) * (1.0 + 2 * i) + (i - 3)).astype(F32)
+        if i:  # outliers beyond the observed range: clipped, their gradient masked
+            x[0, :4] = (-0.0, 0.0, 1e6, -1e6)
+        g = rng.normal(size=shape).astype(F32)
+        steps.append((toggle, False, x, g))
+    assert _run(fq, tmod, _init(fq), steps) is not None
+
+
 # ----------------------------------------------------------------------------------------
 # FixedQParamsFakeQuantize
 # ----------------------------------------------------------------------------------------
