@@ -18,6 +18,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -213,6 +214,13 @@ def test_nnx_convert_before_calibration(qat):
     pm = _prepare("nnx", qat, QAT if qat else PTQ)
     with pytest.raises(ValueError, match=UNSEEN.format("fc", "quant")):
         jqn.convert(pm)
+    # inplace: the error leaves the prepared model as it was (not half converted)
+    before = jax.tree.map(np.asarray, nnx.state(pm))
+    types = [type(m).__name__ for _, m in nnx.iter_graph(pm)]
+    with pytest.raises(ValueError, match=UNSEEN.format("fc", "quant")):
+        jqn.convert(pm, inplace=True)
+    assert [type(m).__name__ for _, m in nnx.iter_graph(pm)] == types
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(pm)), before)
 
 
 def test_torch_convert_before_calibration_only_warns():

@@ -348,13 +348,21 @@ def convert(model, *, inplace: bool = False, backend: str = "x86"):
         raise ValueError(f"backend={backend!r}: expected one of {Q.BACKENDS}")
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
-    from jquant.nnx.quantize import _child_items, _set_child  # cycle: quantize imports convert
     if not any(isinstance(node, PostProcess) for _, node in nnx.iter_graph(model)):
         warnings.warn("jquant.nnx.convert: nothing to convert: the model has no observer or fake "
                       "quant (prepare it with jquant.nnx.prepare / prepare_qat, then calibrate "
                       "or train it, before convert); it stays float", UserWarning, stacklevel=2)
-    if not inplace:
-        model = nnx.clone(model)
+    if inplace:
+        # Converted on a copy first: an error (an observer that never saw data, a bad
+        # config) then leaves ``model`` untouched instead of half converted.
+        _convert_graph(nnx.clone(model), backend)
+        return _convert_graph(model, backend)
+    return _convert_graph(nnx.clone(model), backend)
+
+
+def _convert_graph(model, backend: str):
+    """Converts ``model``'s graph in place; returns the converted root."""
+    from jquant.nnx.quantize import _child_items, _set_child  # cycle: quantize imports convert
     replaced: dict = {}
     visited: set = set()
 
