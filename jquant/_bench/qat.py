@@ -200,7 +200,7 @@ def run(ctx: Context) -> list[Row]:
     for name, (batch, channels, width) in MODELS.items():
         if ctx.quick and name != "digits CNN":
             continue
-        reps = ctx.repeats if name == "digits CNN" else max(5, ctx.repeats // 4)
+        reps = ctx.repeats if name == "digits CNN" else max(8, ctx.repeats // 2)
         label = f"batch {batch}"
         (jf, jq_), (_, jr) = interleaved(linen_steps(batch, channels, width), ctx, reps)
         tf = tq_ = tr = None
@@ -303,7 +303,7 @@ def run_nnx(ctx: Context) -> list[Row]:
     for name, (batch, channels, width) in MODELS.items():
         if ctx.quick and name != "digits CNN":
             continue
-        reps = ctx.repeats if name == "digits CNN" else max(5, ctx.repeats // 4)
+        reps = ctx.repeats if name == "digits CNN" else max(8, ctx.repeats // 2)
         label = f"batch {batch}"
         (jf, jq_), (_, jr) = interleaved(nnx_steps(batch, channels, width), ctx, reps)
         (nf, nq), (_, nr) = interleaved(nnx_steps(batch, channels, width, use_nnx_jit=True),
