@@ -8,6 +8,7 @@ through ``jax.jit`` and are hashed as static data.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -100,6 +101,36 @@ class Factory:
         return f"{name}.with_args({kw})"
 
 
+#: Config methods that a user may mistakenly call on the class (``MinMaxObserver.init(x)``).
+_INSTANCE_METHODS = ("init", "update", "calculate_qparams", "apply", "state_dict",
+                     "load_state_dict", "enable_fake_quant", "disable_fake_quant",
+                     "enable_observer", "disable_observer")
+
+
+class _InstanceOnly:
+    """A config method that, looked up on the class and called with something other than a
+    config as ``self`` (``MinMaxObserver.init(x)``), raises a TypeError naming the fix;
+    instances get the plain bound method."""
+
+    def __init__(self, fn):
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, objtype=None):
+        fn = self.__wrapped__
+        if obj is not None:
+            return fn.__get__(obj, objtype)
+        owner = objtype.__name__
+
+        @functools.wraps(fn)
+        def unbound(self_, *args, **kwargs):
+            if not isinstance(self_, Config):
+                raise TypeError(f"{owner}.{fn.__name__}() was called on the class, not on a "
+                                f"config: build the config first, then call the method on it, "
+                                f"e.g. cfg = {owner}(); cfg.{fn.__name__}(...)")
+            return fn(self_, *args, **kwargs)
+        return unbound
+
+
 class Config:
     """Base of frozen configs. Subclasses call ``self._record(locals())`` first in __init__."""
 
@@ -110,6 +141,10 @@ class Config:
         register = getattr(jax.tree_util, "register_static", None)
         if register is not None:
             register(cls)
+        for name in _INSTANCE_METHODS:
+            fn = cls.__dict__.get(name)
+            if inspect.isfunction(fn):
+                setattr(cls, name, _InstanceOnly(fn))
 
     def _record(self, local_vars: dict) -> None:
         sig = inspect.signature(type(self).__init__)

@@ -157,9 +157,9 @@ class FakeQuantizeBase(Config):
     state_keys: tuple = ()
 
     def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
         if "init" in cls.__dict__:  # every subclass's init places its state like x
             cls.init = collectives.placed_init(cls.__dict__["init"])
+        super().__init_subclass__(**kwargs)  # then Config's checks wrap it
 
     def init(self, x=None):
         """A fresh state (placed on a committed ``x``'s device / replicated on its mesh)."""

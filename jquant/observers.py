@@ -123,9 +123,9 @@ class ObserverBase(Config):
                              f"this observer keeps a {kind} state (was it made by another observer?)")
 
     def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
         if "init" in cls.__dict__:  # every subclass's init places its state like x
             cls.init = collectives.placed_init(cls.__dict__["init"])
+        super().__init_subclass__(**kwargs)  # then Config's checks wrap it
 
     def init(self, x=None):
         """A fresh state. ``x``: an array or ``jax.ShapeDtypeStruct`` (needed for per-channel).

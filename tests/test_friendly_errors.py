@@ -178,6 +178,23 @@ def test_factory_used_as_a_config():
     assert factory().init(X).min_val.shape == ()
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_method_called_on_the_class(name):
+    """``MinMaxObserver.init(x)`` (the class, not a config) says to build the config first;
+    explicit ``Class.method(config, ...)`` calls still work."""
+    cls = type(CONFIGS[name])
+    for method, args in (("init", (X,)), ("update", (X, X)), ("apply", (X, X)),
+                         ("calculate_qparams", (X,))):
+        if not hasattr(cls, method):
+            continue
+        with pytest.raises(TypeError, match=rf"{name}\.{method}\(\) was called on the class, "
+                                            rf"not on a config: .*cfg = {name}\(\); "
+                                            rf"cfg\.{method}\(\.\.\.\)"):
+            getattr(cls, method)(*args)
+    state = cls.init(CONFIGS[name], X)
+    assert type(state) is type(CONFIGS[name].init(X))
+
+
 def test_linen_prepared_model_with_float_variables():
     pm = jl.prepare_qat(LinenNet(), QAT)
     float_vars = _init(LinenNet())
