@@ -213,3 +213,35 @@ def test_observer_vmap_over_independent_states(name):
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda a: a[i], second), one)
     qp = jax.vmap(obs.calculate_qparams)(second)
     assert qp[0].shape[0] == 3
+
+
+@pytest.mark.parametrize("make", [jq.FakeQuantize, jq.FusedMovingAvgObsFakeQuantize],
+                         ids=["FakeQuantize", "Fused"])
+@pytest.mark.parametrize("n", [24, 1 << 15], ids=["small", "isolated"])
+def test_fake_quantize_vmap_over_states_with_different_flags(make, n):
+    """vmap over states whose fake_quant_enabled differ (a batched run-time flag): output,
+    input gradient and state equal each one alone (jitted), for small inputs and inputs
+    large enough for the isolated fake-quant computation."""
+    fq = make()
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray((rng.normal(size=(3, n)) * 4.0).astype(np.float32))
+    gs = jnp.asarray(rng.normal(size=(3, n)).astype(np.float32))
+    s0 = fq.init(xs[0])
+    s0 = fq.apply(s0, xs[0] * 0.25)[1]                    # a range that clips the batches
+    states = [s0, fq.disable_fake_quant(s0), fq.disable_observer(s0)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+    def run(s, x, g):
+        y, vjp, new = jax.vjp(lambda v: fq.apply(s, v), x, has_aux=True)
+        return y, vjp(g)[0], new
+    ys, dxs, news = jax.jit(jax.vmap(run))(stacked, xs, gs)
+    one = jax.jit(run)
+    for i in range(3):
+        y, dx, new = one(states[i], xs[i], gs[i])
+        np.testing.assert_array_equal(ys[i], y)
+        np.testing.assert_array_equal(np.signbit(dxs[i]), np.signbit(dx))
+        np.testing.assert_array_equal(dxs[i], dx)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda a: a[i], news), new)
+    assert not np.array_equal(ys[0], xs[0]) and np.array_equal(ys[1], xs[1])
+    np.testing.assert_array_equal(dxs[1], gs[1])          # fake quant off: the identity
+    assert (dxs[0] == 0).any() and (dxs[0] != 0).any()    # on: clipped entries masked
