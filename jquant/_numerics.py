@@ -122,12 +122,18 @@ def _fma_round_to_odd(a, b, c):
     return jnp.where(jnp.isfinite(s), lax.bitcast_convert_type(bits, jnp.float64), s)
 
 
-def _fma_f64(a, b, c):
-    # rounded to float32 precision inside float64 (reduce_precision) before the cast: XLA
-    # drops f64 -> f32 -> f64 convert pairs when an exact op reads the result.
-    with enable_x64():
-        r = _fma_round_to_odd(*(v.astype(jnp.float64) for v in (a, b, c)))
-        return lax.reduce_precision(r, exponent_bits=8, mantissa_bits=23).astype(jnp.float32)
+def via_f64(fn):
+    """``fn`` computed on float32 operands in float64, rounded once to float32 (CPU / GPU).
+
+    The float64 result is rounded to float32 precision *inside* float64 (reduce_precision)
+    before the cast: XLA (excess precision allowed) drops f64 -> f32 -> f64 convert pairs
+    when the next exact op reads the result, which would skip the rounding.
+    """
+    def wrapped(*args):
+        with enable_x64():
+            r = fn(*(f32(a).astype(jnp.float64) for a in args))
+            return lax.reduce_precision(r, exponent_bits=8, mantissa_bits=23).astype(jnp.float32)
+    return wrapped
 
 
 def fma_f32(a, b, c):
@@ -138,7 +144,8 @@ def fma_f32(a, b, c):
     expression, which XLA contracts into a fused multiply-add there.
     """
     a, b, c = f32(a), f32(b), f32(c)
-    return lax.platform_dependent(a, b, c, tpu=lambda u, v, w: u * v + w, default=_fma_f64)
+    return lax.platform_dependent(a, b, c, tpu=lambda u, v, w: u * v + w,
+                                  default=via_f64(_fma_round_to_odd))
 
 
 def enable_x64():

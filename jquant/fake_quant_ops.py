@@ -135,10 +135,6 @@ def _clamped_diff_parts(qf, zp_i, qmin: int, qmax: int):
     return s, err + (vl - zl)
 
 
-#: float32 ``a * b + c`` with one rounding (a fused multiply-add, as fbgemm's AVX2 code).
-_fma_f32 = nm.fma_f32
-
-
 def _mul_f64_cpu(d_hi, d_lo, scale):
     with nm.enable_x64():
         f64 = jnp.float64
@@ -314,7 +310,7 @@ def _fq_per_channel_float_math(x, scale, zp, qmin, qmax):
     # torch: q = lrintf(x * inv + zp), the multiply-add fused (one rounding; verified against
     # torch's CPU kernel, which differs from two roundings for wide ranges and at ties).
     inv = jnp.float32(1.0) / scale
-    qf = nm.rne(_fma_f32(x, inv, zp))
+    qf = nm.rne(nm.fma_f32(x, inv, zp))
     ok = nm.in_int64_range(qf)
     q = _unsigned_zero(jnp.where(ok, qf, jnp.float32(qmin)))
     y = _dequant_float_zp(q, zp, scale, qmin, qmax)
@@ -390,13 +386,13 @@ def _lsq_grads(x, g, scale, zp, qmin, qmax, grad_factor):
     ``dZeroPoint_i = ((g * -1) * scale) * grad_factor`` outside.
     """
     inv = jnp.float32(1.0) / scale
-    xq = nm.rne(_fma_f32(x, inv, zp))
+    xq = nm.rne(nm.fma_f32(x, inv, zp))
     ok = nm.in_int64_range(xq)
     below = ~ok | (xq < qmin)
     above = ok & (xq > qmax)
     inside = ~(below | above)
     qc = jnp.where(ok, jnp.clip(xq, qmin, qmax), jnp.float32(qmin))
-    err = _fma_f32(qc - zp, scale, -x)  # xfq - x with one rounding
+    err = nm.fma_f32(qc - zp, scale, -x)  # xfq - x with one rounding
     zero = jnp.zeros((), jnp.float32)
     dx = _masked(g, inside)
     ds_in = g * err * inv * grad_factor
@@ -565,7 +561,7 @@ def quantize_per_tensor(x, scale, zero_point, dtype):
     zp = nm.f32(_zp_to_int32(_scalar_param(zero_point, "zero_point")))
     inv = jnp.float32(1.0) / scale
     if d.name in ("uint8", "int8"):
-        return _to_storage(nm.rne(_fma_f32(x, inv, zp)), lo, hi, d, hi)
+        return _to_storage(nm.rne(nm.fma_f32(x, inv, zp)), lo, hi, d, hi)
     if d.name == "uint4":
         qf = zp + nm.rne(x * inv)
         return _to_storage(jnp.where(nm.in_int64_range(qf), qf, jnp.float32(lo)), lo, hi, d, lo)

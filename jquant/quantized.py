@@ -208,22 +208,10 @@ class PackedEmbedding(NamedTuple):
 # exact float32 arithmetic helpers (see module docstring, "Numerics")
 # ----------------------------------------------------------------------------------------
 
-def _f64(fn):
-    # The float64 result is rounded to float32 precision *inside* float64
-    # (reduce_precision) before the cast: XLA (excess precision allowed) drops
-    # f64 -> f32 -> f64 convert pairs when the next exact op reads this result, which
-    # would skip the rounding.
-    def cpu(*args):
-        with nm.enable_x64():
-            r = fn(*[jnp.asarray(a, _F32).astype(jnp.float64) for a in args])
-            return lax.reduce_precision(r, exponent_bits=8, mantissa_bits=23).astype(_F32)
-    return cpu
-
-
 def _exact(fn, *args):
     """``f32(fn(*args))`` of one IEEE op on float32 operands, rounded once (no contraction)."""
     args = [jnp.asarray(a, _F32) for a in args]
-    return lax.platform_dependent(*args, tpu=lambda *a: fn(*a).astype(_F32), default=_f64(fn))
+    return lax.platform_dependent(*args, tpu=lambda *a: fn(*a).astype(_F32), default=nm.via_f64(fn))
 
 
 def _mul(a, b):
@@ -232,10 +220,6 @@ def _mul(a, b):
 
 def _div(a, b):
     return _exact(lambda u, v: u / v, a, b)
-
-
-#: ``fma(a, b, c)`` in float32 with one rounding (torch's ``std::fma`` / vfmadd).
-_fma = nm.fma_f32
 
 
 def _scalar(v, name, dtype):
@@ -565,7 +549,7 @@ def _requantize(acc, axis, sx, sw, bias, so, zo, relu, requant, out_dtype, op):
     a = acc.astype(_F32)
     if requant == "fbgemm":
         m = sx * sw
-        raw = a if b is None else _fma(b, _div(_F32(1.0), m), a)
+        raw = a if b is None else nm.fma_f32(b, _div(_F32(1.0), m), a)
         y = nm.rne(raw * _div(m, so))
     elif requant == "qnnpack":
         m = sx * sw
@@ -946,7 +930,7 @@ def quantized_embedding(indices, p: PackedEmbedding, *, embedding_dim: Optional[
 @functools.partial(jax.jit, static_argnums=(2,))
 def _embedding_impl(idx, p, embedding_dim):
     q, s, b = _rows(p, idx, embedding_dim)
-    return _fma(q, s[..., None], b[..., None])
+    return nm.fma_f32(q, s[..., None], b[..., None])
 
 
 _BAG_MODES = ("sum", "mean", "max")
@@ -1068,13 +1052,13 @@ def _bag_impl(indices, p, offsets, psw, mode, include_last_offset, padding_idx, 
     if mode == "max":
         def step(acc, t):
             qt, st, bt, vt = t
-            row = _fma(qt, st[:, None], bt[:, None])
+            row = nm.fma_f32(qt, st[:, None], bt[:, None])
             return jnp.where(vt[:, None], jnp.maximum(acc, row), acc), None
         init = jnp.full((nbags, dim), -jnp.inf, _F32)
     else:
         def step(acc, t):
             qt, st, bt, vt = t
-            new = _fma(st[:, None], qt, acc + bt[:, None])
+            new = nm.fma_f32(st[:, None], qt, acc + bt[:, None])
             return jnp.where(vt[:, None], new, acc), None
         init = jnp.zeros((nbags, dim), _F32)
     out, _ = lax.scan(step, init, xs)
