@@ -379,23 +379,24 @@ def _positions_core(v, lo, hi, bins: int):
     return q.astype(I32)
 
 
-def _positions(v, lo, hi, bins: int, tiny=None):
+def _positions_at(v, lo, hi, bins: int, scaled: bool):
+    """:func:`_positions_core`, on values and range scaled up exactly when ``scaled``
+    (static: the range is within 2**-64 of zero)."""
+    if scaled:
+        v, lo, hi = _scale_up(v), _scale_up(lo), _scale_up(hi)
+    return _positions_core(v, lo, hi, bins)
+
+
+def _positions(v, lo, hi, bins: int):
     """torch.histc's bin of each ``v`` in ``[lo, hi]`` (float32 op order of the kernel).
 
     ``pos = trunc(f32(f32(f32(v - lo) * bins) / f32(hi - lo)))``, the closed last bin, a
     non-finite quotient in bin 0. Ranges below 2**-64 are scaled up exactly first (XLA
-    flushes the denormals torch keeps). ``tiny`` (scalar) selects the scaled path.
+    flushes the denormals torch keeps).
     """
-    if tiny is None:
-        tiny = jnp.any(_is_tiny(lo) & _is_tiny(hi))
-
-    def scaled(v, lo, hi):
-        return _positions_core(_scale_up(v), _scale_up(lo), _scale_up(hi), bins)
-
-    def plain(v, lo, hi):
-        return _positions_core(v, lo, hi, bins)
-
-    return lax.cond(tiny, scaled, plain, v, lo, hi)
+    tiny = jnp.any(_is_tiny(lo) & _is_tiny(hi))
+    return lax.cond(tiny, functools.partial(_positions_at, bins=bins, scaled=True),
+                    functools.partial(_positions_at, bins=bins, scaled=False), v, lo, hi)
 
 
 #: Elements binned per step of the counting loop (keeps the bin indices in cache).
@@ -411,12 +412,9 @@ _TWO_LANES_MIN = 1 << 22
 def _count_block(acc, xb, lo, hi, bins: int, scaled: bool):
     """Adds the finite elements of ``xb`` ``(C, n)`` into ``acc`` ``(lanes, C * (bins + 1))``:
     one scatter-add per lane over its share of ``xb``. ``scaled``: the range is within
-    2**-64 of zero (values and range scaled up exactly, see :func:`_positions`)."""
+    2**-64 of zero (values and range scaled up exactly, see :func:`_positions_at`)."""
     c = xb.shape[0]
-    if scaled:
-        pos = _positions_core(_scale_up(xb), _scale_up(lo)[:, None], _scale_up(hi)[:, None], bins)
-    else:
-        pos = _positions_core(xb, lo[:, None], hi[:, None], bins)
+    pos = _positions_at(xb, lo[:, None], hi[:, None], bins, scaled)
     width = bins + 1
     flat = (jnp.where(jnp.isfinite(xb), pos, bins)
             + (jnp.arange(c, dtype=I32) * width)[:, None]).reshape(-1)
