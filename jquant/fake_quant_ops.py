@@ -142,6 +142,15 @@ def _mul_f64_cpu(d_hi, d_lo, scale):
         return (d * scale.astype(f64)).astype(jnp.float32)
 
 
+def _gated(y, mask, x, on):
+    """``(y, mask)`` where the run-time flag ``on`` (a traced scalar bool) is true, ``(x,
+    all true)`` where it is false: torch's ``if fake_quant_enabled`` inside the op's own
+    pass over ``x`` (a select after it would be a further pass). ``on=None``: always on."""
+    if on is None:
+        return y, mask
+    return jnp.where(on, y, x), mask | ~on
+
+
 # ----------------------------------------------------------------------------------------
 # Per-tensor affine (torch.fake_quantize_per_tensor_affine)
 # ----------------------------------------------------------------------------------------
@@ -173,14 +182,11 @@ def _fq_per_tensor_math(x, scale, zp_i, on, qmin, qmax):
     flatten before the next Dense) into one loop whose indexing defeats vectorization: 3-6x
     slower than the op alone (a QAT step of a small CNN spent ~10% of its time there). A
     conditional is a fusion boundary (``nm.isolate``); its predicate reads only the scale.
-    The flag is applied in the same pass (a select after the conditional would be a
-    further pass over ``x``).
+    The flag is applied inside it (:func:`_gated`).
     """
     def math(u, s, z, *flag):
         y, mask = _fq_per_tensor_fwd_math(u, s, z, qmin, qmax)
-        if flag:
-            y, mask = jnp.where(flag[0], y, u), mask | ~flag[0]
-        return y, mask
+        return _gated(y, mask, u, flag[0] if flag else None)
     args = (x, scale, zp_i) + (() if on is None else (on,))
     if x.size < _ISOLATE_MIN_SIZE:
         return math(*args)
@@ -246,21 +252,6 @@ def fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min: int, quant_
     return _fq_per_tensor(nm.f32(x), scale, zp, None, qmin, qmax).astype(x.dtype)
 
 
-def fake_quantize_per_tensor_affine_if(x, scale, zero_point, enabled, quant_min: int,
-                                       quant_max: int):
-    """``fake_quantize_per_tensor_affine(x, ...)`` where the traced boolean ``enabled`` is
-    true, ``x`` itself where it is false; one pass over ``x`` (torch: the ``if
-    fake_quant_enabled`` branch of ``FakeQuantize.forward``).
-
-    The gradient is ``g * mask`` when enabled and ``g`` otherwise (torch's exact values,
-    ``-0.0`` included). Internal to the fake-quant modules; ``enabled`` is a scalar bool.
-    """
-    x = jnp.asarray(x)
-    scale, zp, qmin, qmax = _fq_per_tensor_args(scale, zero_point, quant_min, quant_max)
-    on = jnp.reshape(jnp.asarray(enabled, jnp.bool_), ())
-    return _fq_per_tensor(nm.f32(x), scale, zp, on, qmin, qmax).astype(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------
 # Per-channel affine (torch.fake_quantize_per_channel_affine)
 # ----------------------------------------------------------------------------------------
@@ -318,24 +309,45 @@ def _fq_per_channel_float_math(x, scale, zp, qmin, qmax):
     return y, mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fq_per_channel(x, scale, zp, qmin, qmax, float_zp):
-    math = _fq_per_channel_float_math if float_zp else _fq_per_channel_int_math
-    return math(x, scale, zp, qmin, qmax)[0]
-
-
-def _fq_per_channel_fwd(x, scale, zp, qmin, qmax, float_zp):
+def _fq_per_channel_math(x, scale, zp, on, qmin, qmax, float_zp):
     math = _fq_per_channel_float_math if float_zp else _fq_per_channel_int_math
     y, mask = math(x, scale, zp, qmin, qmax)
+    return _gated(y, mask, x, on)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fq_per_channel(x, scale, zp, on, qmin, qmax, float_zp):
+    return _fq_per_channel_math(x, scale, zp, on, qmin, qmax, float_zp)[0]
+
+
+def _fq_per_channel_fwd(x, scale, zp, on, qmin, qmax, float_zp):
+    y, mask = _fq_per_channel_math(x, scale, zp, on, qmin, qmax, float_zp)
     return y, (mask, jnp.zeros_like(scale), jnp.zeros_like(zp) if float_zp else None)
 
 
 def _fq_per_channel_bwd(qmin, qmax, float_zp, res, g):
     mask, zs, zz = res
-    return _masked(g, mask), zs, zz
+    return _masked(g, mask), zs, zz, None
 
 
 _fq_per_channel.defvjp(_fq_per_channel_fwd, _fq_per_channel_bwd)
+
+
+def _fq_per_channel_args(x, scale, zero_point, axis, quant_min, quant_max):
+    """Validated ``(scale, zero_point)`` broadcast along ``axis``, ``qmin, qmax, float_zp``."""
+    qmin, qmax = _check_range(quant_min, quant_max)
+    axis = _normalize_axis(axis, x.ndim)
+    scale = jnp.asarray(scale)
+    zero_point = jnp.asarray(zero_point)
+    c = x.shape[axis]
+    if scale.shape != (c,) or zero_point.shape != (c,):
+        raise ValueError(f"scale and zero_point must have shape ({c},) for axis={axis} of an "
+                         f"input of shape {x.shape}; got {scale.shape} and {zero_point.shape}")
+    float_zp = bool(jnp.issubdtype(zero_point.dtype, jnp.floating))
+    bshape = _channel_shape(x, axis)
+    s = nm.f32(scale).reshape(bshape)
+    z = (nm.f32(zero_point) if float_zp else zero_point.astype(jnp.int32)).reshape(bshape)
+    return s, z, qmin, qmax, float_zp
 
 
 def fake_quantize_per_channel_affine(x, scale, zero_point, axis: int, quant_min: int,
@@ -355,20 +367,32 @@ def fake_quantize_per_channel_affine(x, scale, zero_point, axis: int, quant_min:
     Returns:
       An array of ``x``'s shape and dtype; gradient ``g * mask`` w.r.t. ``x``.
     """
-    qmin, qmax = _check_range(quant_min, quant_max)
     x = jnp.asarray(x)
-    axis = _normalize_axis(axis, x.ndim)
-    scale = jnp.asarray(scale)
-    zero_point = jnp.asarray(zero_point)
-    c = x.shape[axis]
-    if scale.shape != (c,) or zero_point.shape != (c,):
-        raise ValueError(f"scale and zero_point must have shape ({c},) for axis={axis} of an "
-                         f"input of shape {x.shape}; got {scale.shape} and {zero_point.shape}")
-    float_zp = bool(jnp.issubdtype(zero_point.dtype, jnp.floating))
-    bshape = _channel_shape(x, axis)
-    s = nm.f32(scale).reshape(bshape)
-    z = (nm.f32(zero_point) if float_zp else zero_point.astype(jnp.int32)).reshape(bshape)
-    y = _fq_per_channel(nm.f32(x), s, z, qmin, qmax, float_zp)
+    s, z, qmin, qmax, float_zp = _fq_per_channel_args(x, scale, zero_point, axis, quant_min,
+                                                      quant_max)
+    return _fq_per_channel(nm.f32(x), s, z, None, qmin, qmax, float_zp).astype(x.dtype)
+
+
+def fake_quantize_if(x, scale, zero_point, enabled, quant_min: int, quant_max: int,
+                     axis: int | None = None):
+    """torch's ``if fake_quant_enabled: X = fake_quantize_per_*_affine(X, ...)`` (the
+    fake-quant modules' forward) for a flag known only at run time, in one pass over ``x``.
+
+    ``enabled``: ``True`` (static: the plain op) or a traced boolean (shape ``()`` or
+    ``(1,)``). ``axis``: None for per-tensor qparams, else the channel axis of per-channel
+    ones. Where the flag is off the output is ``x`` and the gradient ``g``; where it is on,
+    the op's output and ``g * mask`` (torch's exact values, ``-0.0`` included).
+    Internal to the fake-quant modules.
+    """
+    x = jnp.asarray(x)
+    on = None if enabled is True else jnp.reshape(jnp.asarray(enabled, jnp.bool_), ())
+    if axis is None:
+        scale, zp, qmin, qmax = _fq_per_tensor_args(scale, zero_point, quant_min, quant_max)
+        y = _fq_per_tensor(nm.f32(x), scale, zp, on, qmin, qmax)
+    else:
+        s, z, qmin, qmax, float_zp = _fq_per_channel_args(x, scale, zero_point, axis,
+                                                          quant_min, quant_max)
+        y = _fq_per_channel(nm.f32(x), s, z, on, qmin, qmax, float_zp)
     return y.astype(x.dtype)
 
 

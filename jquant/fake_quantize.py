@@ -25,11 +25,8 @@ import numpy as np
 from jquant import _numerics as nm
 from jquant._config import Config, Factory, register_state
 from jquant._state_dict import StateDictError, check_keys, sub_dict, to_numpy, with_metadata
-from jquant.fake_quant_ops import (fake_quantize_learnable_per_channel_affine,
-                                   fake_quantize_learnable_per_tensor_affine,
-                                   fake_quantize_per_channel_affine,
-                                   fake_quantize_per_tensor_affine,
-                                   fake_quantize_per_tensor_affine_if)
+from jquant.fake_quant_ops import (fake_quantize_if, fake_quantize_learnable_per_channel_affine,
+                                   fake_quantize_learnable_per_tensor_affine)
 from jquant.fused import fused_moving_avg_obs_fake_quant
 from jquant.observers import (FixedQParamsObserver, MovingAverageMinMaxObserver,
                               MovingAveragePerChannelMinMaxObserver, ObserverBase)
@@ -298,13 +295,6 @@ class FakeQuantize(FakeQuantizeBase):
                                    zero_point=jnp.broadcast_to(state.zero_point, new.zero_point.shape))
         return _select(obs_on, new, state)
 
-    def _fake_quant(self, state, x):
-        if self.is_per_channel:
-            return fake_quantize_per_channel_affine(x, state.scale, state.zero_point, self.ch_axis,
-                                                    self.quant_min, self.quant_max)
-        return fake_quantize_per_tensor_affine(x, state.scale, state.zero_point, self.quant_min,
-                                               self.quant_max)
-
     def apply(self, state: FakeQuantizeState, x, *, axis_name=None):
         _check_fq_state(type(self).__name__, state, FakeQuantizeState)
         x = jnp.asarray(x)
@@ -312,13 +302,9 @@ class FakeQuantize(FakeQuantizeBase):
         fq_on = _read_flag(state.fake_quant_enabled)
         if fq_on is False or x.size == 0:
             return x, state
-        if fq_on is not True and not self.is_per_channel:  # the flag applied in the same pass
-            return fake_quantize_per_tensor_affine_if(x, state.scale, state.zero_point, fq_on,
-                                                      self.quant_min, self.quant_max), state
-        y = self._fake_quant(state, x)
-        if fq_on is not True:
-            y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients
-        return y, state
+        axis = self.ch_axis if self.is_per_channel else None
+        return fake_quantize_if(x, state.scale, state.zero_point, fq_on, self.quant_min,
+                                self.quant_max, axis=axis), state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """A state from jquant's or torch's state dict; scale/zero_point of any length load

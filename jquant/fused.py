@@ -10,8 +10,7 @@ import jax.numpy as jnp
 
 from jquant import _numerics as nm
 from jquant import collectives
-from jquant.fake_quant_ops import (fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine,
-                                   fake_quantize_per_tensor_affine_if)
+from jquant.fake_quant_ops import fake_quantize_if
 from jquant.qparams import choose_quantization_params
 
 __all__ = ["fused_moving_avg_obs_fake_quant", "flag_is_on", "moving_average"]
@@ -119,16 +118,10 @@ def fused_moving_avg_obs_fake_quant(x, observer_on, fake_quant_on, running_min, 
     new_scale = new_scale.reshape(scale.shape) if not per_row_fake_quant else new_scale
     new_zp = new_zp.astype(zero_point.dtype).reshape(zero_point.shape) if not per_row_fake_quant \
         else new_zp.astype(zero_point.dtype)
-    if per_row_fake_quant:
-        y = fake_quantize_per_channel_affine(x, new_scale, new_zp.astype(jnp.int32), ch_axis, qmin,
-                                             qmax)
-    elif fq_on is True:
-        y = fake_quantize_per_tensor_affine(x, new_scale, new_zp, qmin, qmax)
-    else:  # the flag is applied in the same pass over x
-        y = fake_quantize_per_tensor_affine_if(x, new_scale, new_zp, fq_on, qmin, qmax)
+    zp_op = new_zp.astype(jnp.int32) if per_row_fake_quant else new_zp
+    y = fake_quantize_if(x, new_scale, zp_op, fq_on, qmin, qmax,
+                         axis=ch_axis if per_row_fake_quant else None)
     if fq_on is True:
         return y, running_min, running_max, new_scale, new_zp
-    if per_row_fake_quant:
-        y = nm.select_flag(fq_on, y, x)  # exact -0.0 gradients
     return (y, running_min, running_max, jnp.where(fq_on, new_scale, scale),
             jnp.where(fq_on, new_zp, zero_point))
