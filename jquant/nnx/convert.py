@@ -352,25 +352,27 @@ def convert(model, *, inplace: bool = False, backend: str = "x86"):
         warnings.warn("jquant.nnx.convert: nothing to convert: the model has no observer or fake "
                       "quant (prepare it with jquant.nnx.prepare / prepare_qat, then calibrate "
                       "or train it, before convert); it stays float", UserWarning, stacklevel=2)
-    if inplace:
-        # Converted on a copy first: an error (an observer that never saw data, a bad
-        # config) then leaves ``model`` untouched instead of half converted.
-        _convert_graph(nnx.clone(model), backend)
-        return _convert_graph(model, backend)
-    return _convert_graph(nnx.clone(model), backend)
+    return _convert_graph(model if inplace else nnx.clone(model), backend)
 
 
 def _convert_graph(model, backend: str):
-    """Converts ``model``'s graph in place; returns the converted root."""
+    """Converts ``model``'s graph in place; returns the converted root. On an error (an
+    observer that never saw data, an unsupported layer) every replaced child is put back,
+    so ``model`` is left as it was, not half converted."""
     from jquant.nnx.quantize import _child_items, _set_child  # cycle: quantize imports convert
     replaced: dict = {}
     visited: set = set()
+    undo: list = []
+
+    def replace(node, key, old, new):
+        _set_child(node, key, new)
+        undo.append((node, key, old))
 
     def visit(node, path):
         for key, child in _child_items(node):
             cpath = path + (str(key),)
             if id(child) in replaced:
-                _set_child(node, key, replaced[id(child)])
+                replace(node, key, child, replaced[id(child)])
                 continue
             if id(child) in visited:
                 continue
@@ -380,15 +382,20 @@ def _convert_graph(model, backend: str):
                 visit(child, cpath)
             elif new is not child:
                 replaced[id(child)] = new
-                _set_child(node, key, new)
+                replace(node, key, child, new)
 
     visited.add(id(model))
     unseen: list = []
-    root = _convert_module(model, "", backend, unseen)
-    if root is None:
-        visit(model, ())
-    if unseen:
-        raise Q.unobserved_error(unseen)
+    try:
+        root = _convert_module(model, "", backend, unseen)
+        if root is None:
+            visit(model, ())
+        if unseen:
+            raise Q.unobserved_error(unseen)
+    except Exception:
+        for node, key, old in reversed(undo):
+            _set_child(node, key, old)
+        raise
     if root is not None:
         return root
     return M.swap_class(model, _converted_root_class(type(model)))
