@@ -188,6 +188,79 @@ def test_fuse_relu_module_without_batchnorm():
         init(jl.prepare_qat(_DenseReLUModule(), qc, fuse=[("fc", "act")]), x)
 
 
+def _sequential_cnn(relu):
+    """conv, relu, conv, relu, flatten, dense, relu, dense (``relu``: builds each ReLU)."""
+    return nn.Sequential([nn.Conv(4, (3, 3), padding=1), relu(), nn.Conv(6, (3, 3), padding=1),
+                          relu(), lambda x: x.reshape(x.shape[0], -1), nn.Dense(5), relu(),
+                          nn.Dense(3)])
+
+
+def test_fuse_relu_function_in_sequential():
+    """An ``nn.Sequential`` holds ReLU as the function ``nn.relu``; fused, its slot becomes
+    the identity (torch's ConvReLU2d / LinearReLU), found after a ``"relu"`` group or named
+    by slot path (``layers_i``). Forward, observer updates, gradients and the converted
+    model are bit-identical to the same Sequential with ReLU *modules* fused by path (the
+    tested torch-exact form); the model's own relu would zero the gradient of outputs that
+    round to 0 (``test_relu_function_fusion_close_to_torch``)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 2)), jnp.float32)
+    qc = jq.get_default_qat_qconfig("x86")
+    reference = jl.prepare_qat(_sequential_cnn(_ReLUModule), qc,
+                               fuse=[("layers_0", None, "layers_1"), ("layers_2", None, "layers_3"),
+                                     ("layers_5", None, "layers_6")])
+    v = init(reference, x)
+
+    def loss_and_grad(model):
+        def loss(p):
+            y, upd = model.apply({**v, "params": p}, x, mutable=["quant_stats"])
+            return jnp.sum(y ** 2), (y, upd)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+
+    (_, (y_ref, u_ref)), g_ref = loss_and_grad(reference)
+    c_ref, cv_ref = jl.convert(reference, {**v, **u_ref})
+    for fuse in ([("layers_0", "relu"), ("layers_2", nn.relu), ("layers_5", "relu")],
+                 [("layers_0", None, "layers_1"), ("layers_2", None, "layers_3"),
+                  ("layers_5", None, "layers_6")]):
+        model = jl.prepare_qat(_sequential_cnn(lambda: nn.relu), qc, fuse=fuse)
+        assert jax.tree.structure(init(model, x)) == jax.tree.structure(v)
+        (_, (y, u)), g = loss_and_grad(model)
+        np.testing.assert_array_equal(_np(y), _np(y_ref))
+        for a, b in zip(jax.tree.leaves((g, u)), jax.tree.leaves((g_ref, u_ref))):
+            np.testing.assert_array_equal(_np(a), _np(b))
+        c, cv = jl.convert(model, {**v, **u})
+        np.testing.assert_array_equal(_np(jax.jit(c.apply)(cv, x)),
+                                      _np(jax.jit(c_ref.apply)(cv_ref, x)))
+
+
+def test_fuse_sequential_slot_errors():
+    """A slot named as the ReLU that holds another function, or named as a BatchNorm, is a
+    ValueError naming the slot."""
+    x = jnp.ones((2, 6, 6, 2), jnp.float32)
+    qc = jq.get_default_qat_qconfig("x86")
+    gelu = jl.prepare_qat(_sequential_cnn(lambda: nn.gelu), qc, fuse=[("layers_0", None, "layers_1")])
+    with pytest.raises(ValueError, match="layers_1.*not relu"):
+        init(gelu, x)
+    as_bn = jl.prepare_qat(_sequential_cnn(lambda: nn.relu), qc, fuse=[("layers_0", "layers_1")])
+    with pytest.raises(ValueError, match=r"layers_1.*not a BatchNorm.*'relu'"):
+        init(as_bn, x)
+
+
+class _DenseThenModuleNamedRelu(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="relu")(nn.relu(nn.Dense(4, name="fc")(x)))
+
+
+def test_relu_marker_is_not_a_module_path():
+    """``"relu"`` in a group marks the ReLU *function*: a module that happens to be named
+    ``relu`` still runs (it was made the identity before)."""
+    x = jnp.ones((3, 5), jnp.float32)
+    model = jl.prepare_qat(_DenseThenModuleNamedRelu(), jq.get_default_qat_qconfig("x86"),
+                           fuse=[("fc", "relu")])
+    v = init(model, x)
+    y, _ = run(model, v, x)
+    assert y.shape == (3, 2)
+
+
 # ----------------------------------------------------------------------------------------
 # layers vs torch's QAT modules
 # ----------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from sklearn.datasets import load_digits
 import jquant as jq
 import jquant.linen as jl
 import torch_models as tm
-from linen_models import ParityCNN, parity_variables, parity_weights_of
+from linen_models import (SEQUENTIAL_PATHS, ParityCNN, parity_sequential_cnn, parity_variables,
+                          parity_weights_of, rename_paths, rename_top)
 
 STEPS = 20
 BATCH = 16
@@ -57,19 +58,34 @@ def _train_step(model, tx):
     return step
 
 
+@pytest.mark.parametrize("style", ["modules", "sequential"])
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
-def test_cnn_qat_20_steps_match_torch(backend):
+def test_cnn_qat_20_steps_match_torch(backend, style):
+    """``modules``: ParityCNN with a ReLU module fused by path; ``sequential``: the same
+    network as an ``nn.Sequential`` with ``nn.relu`` layers, fused with ``"relu"`` (the relu
+    slot after bn1 becomes the identity). Both follow torch's gradient exactly."""
     torch.manual_seed(0)
     X, Y = _digits()
     weights = tm.parity_cnn_weights(np.random.default_rng(0))
     tmodel = tm.build_parity_cnn(weights, backend)
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.01)
 
-    model = jl.prepare_qat(ParityCNN(), jq.get_default_qat_qconfig(backend),
-                           fuse=[("conv1", "bn1", "relu1")], bn_unbiased_running_var=True)
+    qconfig = jq.get_default_qat_qconfig(backend)
+    if style == "sequential":
+        model = jl.prepare_qat(parity_sequential_cnn(), qconfig,
+                               fuse=[("layers_1", "layers_2", "relu")],
+                               bn_unbiased_running_var=True)
+        names = SEQUENTIAL_PATHS
+    else:
+        model = jl.prepare_qat(ParityCNN(), qconfig, fuse=[("conv1", "bn1", "relu1")],
+                               bn_unbiased_running_var=True)
+        names = {}
+    back = {v: k for k, v in names.items()}
     init = model.init(jax.random.key(0), jnp.asarray(X[:BATCH]))
     params, stats = parity_variables(weights)
-    v = {"params": params, "batch_stats": stats, "quant_stats": init["quant_stats"]}
+    v = {"params": rename_top(params, names), "batch_stats": rename_top(stats, names),
+         "quant_stats": init["quant_stats"]}
+    assert jax.tree.structure(v["params"]) == jax.tree.structure(init["params"])
     tx = optax.sgd(0.01)
     opt = tx.init(v["params"])
     step = _train_step(model, tx)
@@ -82,7 +98,7 @@ def test_cnn_qat_20_steps_match_torch(backend):
 
         worst["logits"] = max(worst["logits"], _rel(logits, t_logits))
         t_obs = tm.observer_state(tmodel)
-        j_obs = jl.get_observer_state_dict(model, v)
+        j_obs = rename_paths(jl.get_observer_state_dict(model, v), back)
         assert set(t_obs) == set(j_obs), set(t_obs) ^ set(j_obs)
         for k, tv in t_obs.items():
             jv = j_obs[k]
@@ -92,13 +108,13 @@ def test_cnn_qat_20_steps_match_torch(backend):
                 worst["observers"] = max(worst["observers"], _rel(jv, tv))
                 assert _rel(jv, tv) <= RTOL, (s, k, jv, tv)
         t_w = tm.parity_cnn_state(tmodel)
-        j_w = parity_weights_of(v)
+        j_w = parity_weights_of({k: rename_top(v[k], back) for k in ("params", "batch_stats")})
         for mod, entries in t_w.items():
             for name, tv in entries.items():
                 worst["weights"] = max(worst["weights"], _rel(j_w[mod][name], tv))
                 assert _rel(j_w[mod][name], tv) <= RTOL, (s, mod, name)
         assert worst["logits"] <= RTOL, (s, worst)
-    print(f"\n{backend}: worst relative deviation over {STEPS} steps: "
+    print(f"\n{backend} ({style}): worst relative deviation over {STEPS} steps: "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 

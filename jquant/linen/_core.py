@@ -65,10 +65,11 @@ def parse_fuse(fuse) -> tuple:
 
     Each entry is ``(layer, bn)``, ``(layer, bn, relu)`` or ``(layer, relu)``: module paths
     (``"block.Conv_0"``) of a Flax ``Dense`` / ``Conv`` and the ``BatchNorm`` it feeds;
-    ``relu`` is ``"relu"`` / ``nn.relu`` (a function call after the BatchNorm) or the path
-    of a ReLU module. Module types are only known when the model runs, so a two-entry
-    group's second path is read as the BatchNorm: write a ReLU *module* without a
-    BatchNorm as ``(layer, None, relu_path)``.
+    ``relu`` is ``"relu"`` / ``nn.relu`` (a function call after the group) or the path of
+    a ReLU module or of an ``nn.Sequential`` slot (see :func:`fused_relu_slots`). Module
+    types are only known when the model runs, so a two-entry group's second path is read
+    as the BatchNorm: write a ReLU *module* without a BatchNorm as
+    ``(layer, None, relu_path)``.
     """
     if fuse is None:
         return ()
@@ -91,7 +92,7 @@ def parse_fuse(fuse) -> tuple:
         else:
             bn, relu_v = _as_path(item[1], "the BatchNorm entry"), None
         relu_path = None
-        if relu_v is not None and not callable(relu_v):
+        if relu_v is not None and not _is_relu_marker(relu_v):
             relu_path = _as_path(relu_v, "the ReLU entry")
         entries.append(FuseEntry(layer, bn, relu_v is not None, relu_path))
     seen = set()
@@ -101,6 +102,61 @@ def parse_fuse(fuse) -> tuple:
                 raise ValueError(f"fuse: module {p!r} appears in more than one fused group")
             seen.add(p)
     return tuple(entries)
+
+
+def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) -> frozenset:
+    """Indices of the ReLU *functions* in ``seq.layers`` that a fused group already applies.
+
+    torch's fused ConvReLU / LinearReLU / ConvBnReLU turn the group's ReLU module into the
+    identity. A Flax ``nn.Sequential`` holds ReLU as a function, which has no module path;
+    its slot ``f"{seq_path}.layers_{i}"`` (the name flax gives a module at index ``i``)
+    stands for it. A slot becomes the identity when a group names it as its ReLU, or when
+    it holds ``relu`` right after a group fused with ``"relu"`` (the fused op applies the
+    ReLU; the model's own call would also zero the gradient of outputs that round to 0).
+    ``path_of``: module -> dotted path. Raises ValueError for a slot named as a ReLU that
+    holds another function, or named as a BatchNorm.
+    """
+    prefix = f"{seq_path}." if seq_path else ""
+    relu_slots = {e.relu_path for e in fuse if e.relu_path is not None}
+    bn_slots = {e.bn for e in fuse if e.bn is not None}
+    ends = {e.bn if e.bn is not None else e.layer for e in fuse if e.relu and e.relu_path is None}
+    skip = set()
+    layers_ = tuple(seq.layers)
+    for i, fn in enumerate(layers_):
+        if isinstance(fn, nn.Module):
+            continue
+        slot = f"{prefix}layers_{i}"
+        if slot in relu_slots:
+            if not _is_relu_marker(fn):
+                raise ValueError(f"fuse: {slot} is {getattr(fn, '__name__', fn)!r} in an "
+                                 f"nn.Sequential, not relu; only ReLU fuses")
+            skip.add(i)
+        elif slot in bn_slots:
+            raise ValueError(f"fuse: {slot} is the function {getattr(fn, '__name__', fn)!r} "
+                             f"in an nn.Sequential, not a BatchNorm; fuse a ReLU function "
+                             f"as (layer, 'relu'), (layer, None, {slot!r}) or (layer, bn, "
+                             f"{slot!r})")
+        elif (i > 0 and _is_relu_marker(fn) and isinstance(layers_[i - 1], nn.Module)
+              and path_of(layers_[i - 1]) in ends):
+            skip.add(i)
+    return frozenset(skip)
+
+
+def call_sequential(seq: nn.Sequential, skip: frozenset, args, kwargs):
+    """``nn.Sequential.__call__`` with the layers at indices ``skip`` as the identity."""
+    if not seq.layers:
+        raise ValueError(f"Empty Sequential module {seq.name}.")
+    out = args[0] if 0 in skip else seq.layers[0](*args, **kwargs)
+    for i, layer in enumerate(seq.layers[1:], start=1):
+        if i in skip:
+            continue
+        if isinstance(out, tuple):
+            out = layer(*out)
+        elif isinstance(out, dict):
+            out = layer(**out)
+        else:
+            out = layer(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -560,6 +616,9 @@ def intercept(next_fun, args, kwargs, context):
     path = module_path(m)
     if path in plan.relu_paths:
         return args[0] if len(args) == 1 else next_fun(*args, **kwargs)
+    if isinstance(m, nn.Sequential) and plan.fuse:
+        skip = fused_relu_slots(m, path, plan.fuse, module_path)
+        return call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if path in plan.by_bn:
         pend = trace.pending.pop(path, None)
         if pend is None:

@@ -62,10 +62,11 @@ class _Entry:
 class ConvertPlan:
     """Static description of a converted model: path -> :class:`_Entry`, identity paths."""
 
-    def __init__(self, entries: dict, identity: frozenset, backend: str):
+    def __init__(self, entries: dict, identity: frozenset, backend: str, fuse: tuple = ()):
         self.entries = dict(entries)
         self.identity = frozenset(identity)
         self.backend = backend
+        self.fuse = tuple(fuse)  # the prepare plan's groups (ReLU slots of nn.Sequential)
 
     def __hash__(self):
         return id(self)
@@ -154,6 +155,9 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     if path in cplan.identity:
         return args[0]
+    if isinstance(m, nn.Sequential) and cplan.fuse:
+        skip = _core.fused_relu_slots(m, path, cplan.fuse, _path)
+        return _core.call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if entry is None:
         return next_fun(*args, **kwargs)
     qv = _get(run.qvars, path)
@@ -406,7 +410,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
     if out_stats:
         qvariables["batch_stats"] = out_stats
     qvariables[QUANTIZED] = quant
-    cplan = ConvertPlan(entries, frozenset(identity), backend)
+    cplan = ConvertPlan(entries, frozenset(identity), backend, plan.fuse)
     return ConvertedModel(model=model.model, cplan=cplan), qvariables
 
 

@@ -127,7 +127,9 @@ def prepare_qat(model: nn.Module, qconfig_spec, *, fuse=(), axis_name=None,
       fuse: torch's ``fuse_modules_qat`` groups, by module path: ``(conv_or_dense, bn)``,
         ``(conv_or_dense, bn, relu)`` or ``(conv_or_dense, relu)``. ``relu`` is ``"relu"``
         / ``nn.relu`` when the model calls the function after the group, or the path of a
-        ReLU module (which then becomes the identity, as torch's fused slots do).
+        ReLU module (which then becomes the identity, as torch's fused slots do). In an
+        ``nn.Sequential`` the ``nn.relu`` layer right after a ``"relu"`` group becomes the
+        identity too; a slot ``"<sequential path>.layers_<i>"`` names its ``i``-th layer.
       axis_name: reduce activation statistics over this mesh axis (data parallelism).
       bn_unbiased_running_var: fused BatchNorms update ``running_var`` with the unbiased
         batch variance as torch does (Flax's BatchNorm, the default here, uses the biased
@@ -142,10 +144,12 @@ def prepare_qat(model: nn.Module, qconfig_spec, *, fuse=(), axis_name=None,
 
     Deviations from torch: 1-D convolutions are swapped too (torch has no nnqat.Conv1d
     mapping); sigmoid / tanh / softmax are functions in Flax and get no fixed-qparams
-    fake quant. When ReLU is fused as a function, the model's own ``relu`` on the
-    fake-quantized output is a forward no-op but blocks the gradient of outputs that
-    round to exactly 0 (torch passes it where the pre-activation is positive); name a
-    ReLU module instead for torch's exact gradient.
+    fake quant. When ReLU is fused as a function the model calls (``nn.relu(conv(x))``),
+    the model's own ``relu`` on the fake-quantized output is a forward no-op but blocks
+    the gradient of outputs that round to exactly 0 (torch passes it where the
+    pre-activation is positive), and costs a pass over the activation; hold the ReLU as a
+    layer (an ``nn.Sequential``'s ``nn.relu``, or a ReLU module named by path) for torch's
+    exact gradient.
     """
     _check_model(model)
     plan = _core.Plan("qat", qconfig_spec, fuse, axis_name=axis_name,
