@@ -9,7 +9,12 @@ For each: the float train step and the QAT train step (``get_default_qat_qconfig
 conv+relu / dense+relu fused as torch's ``fuse_modules_qat`` does) of
 
 * jquant Linen: the unmodified flax model, ``jquant.linen.prepare_qat``, one jitted
-  ``value_and_grad`` + optax step with ``quant_stats`` / params carried;
+  ``value_and_grad`` + optax step with ``quant_stats`` / params carried. The model is an
+  ``nn.Sequential`` whose ReLUs are ``nn.relu`` layers, as the torch twin's are ReLU
+  modules: fused, the ReLU slot becomes the identity (torch's ConvReLU2d). A second row
+  times the same network written with ``@nn.compact`` and ``nn.relu`` *calls*: the fused
+  op applies the ReLU and the model's own call runs again on its output (one more pass,
+  which XLA:CPU also fuses into the convolution's weight-gradient transposes);
 * torch eager: ``fuse_modules_qat`` + ``prepare_qat`` on the twin module.
 
 Rows report median step times; the note gives QAT/float ratios (targets: jquant <= 1.10
@@ -45,8 +50,23 @@ def _data(batch, seed=0):
 # jquant Linen
 # ----------------------------------------------------------------------------------------
 
-def linen_model(channels, width):
+def linen_model(channels, width, style: str = "sequential"):
+    """The bench CNN as an unmodified flax.linen model.
+
+    ``style="sequential"``: ``nn.Sequential`` (conv, relu, ..., flatten, dense, relu,
+    dense; layer ``i`` is ``layers_i``); ``"compact"``: an ``@nn.compact`` module calling
+    ``nn.relu`` (layers ``conv1``, ``conv2``, ``fc1``, ``fc2``).
+    """
     import flax.linen as nn
+
+    if style == "sequential":
+        layers_ = []
+        for c in channels:
+            layers_ += [nn.Conv(c, (3, 3), padding=1), nn.relu]
+        flatten = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+        return nn.Sequential(layers_ + [flatten, nn.Dense(width), nn.relu, nn.Dense(10)])
+    if style != "compact":
+        raise ValueError(f"style must be 'sequential' or 'compact', got {style!r}")
 
     class CNN(nn.Module):
         @nn.compact
@@ -60,11 +80,16 @@ def linen_model(channels, width):
     return CNN()
 
 
-def linen_fuse(channels):
+def linen_fuse(channels, style: str = "sequential"):
+    """torch's ``fuse_modules_qat`` groups for :func:`linen_model`: each conv / dense with
+    the ``relu`` after it."""
+    if style == "sequential":
+        n = len(channels)
+        return [(f"layers_{2 * i}", "relu") for i in range(n)] + [(f"layers_{2 * n + 1}", "relu")]
     return [(f"conv{i + 1}", "relu") for i in range(len(channels))] + [("fc1", "relu")]
 
 
-def linen_steps(batch, channels, width):
+def linen_steps(batch, channels, width, style: str = "sequential"):
     """(float_step, qat_step) thunks for the Linen model (each runs one jitted step)."""
     import jax
     import jax.numpy as jnp
@@ -74,7 +99,7 @@ def linen_steps(batch, channels, width):
     import jquant.linen as jl
 
     x, y = map(jnp.asarray, _data(batch))
-    model = linen_model(channels, width)
+    model = linen_model(channels, width, style)
     tx = optax.adam(1e-3)
 
     params = model.init(jax.random.key(0), x)["params"]
@@ -89,7 +114,7 @@ def linen_steps(batch, channels, width):
         u, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, u), opt, loss
 
-    qmodel = jl.prepare_qat(model, jq.get_default_qat_qconfig("x86"), fuse=linen_fuse(channels))
+    qmodel = jl.prepare_qat(model, jq.get_default_qat_qconfig("x86"), fuse=linen_fuse(channels, style))
     qv = qmodel.init(jax.random.key(0), x)
     q_state = [qv["params"], qv["quant_stats"], tx.init(qv["params"])]
 
@@ -211,6 +236,10 @@ def run(ctx: Context) -> list[Row]:
         if tr is not None:
             note += f", torch {tr:.2f}"
         rows.append(Row(f"{name} QAT step (linen)", label, jq_, tq_, note=note))
+        (cf, cq), (_, cr) = interleaved(linen_steps(batch, channels, width, "compact"), ctx, reps)
+        rows.append(Row(f"{name} QAT step (linen, nn.relu calls)", label, cq,
+                        note=f"QAT/float: jquant {cr:.2f} (float {cf:.2f} ms): the model's "
+                             f"own relu runs after the fused one"))
     return rows
 
 
