@@ -219,13 +219,22 @@ def interleaved(fns, ctx: Context, repeats: int):
     return med, ratios
 
 
+def _rounds(name: str, ctx: Context) -> int:
+    """Interleaved rounds per model: the ~1.5 ms digits step gets at least 200 (with 20,
+    its median ratio moved by +-0.06 between runs on a shared 2-core machine; with 200,
+    +-0.02), the ~50 ms larger step at least 8 (fewer came out bimodal)."""
+    if name == "digits CNN":
+        return max(ctx.repeats, 200)
+    return max(8, ctx.repeats // 2)
+
+
 def run(ctx: Context) -> list[Row]:
     rows = []
     torch = ctx.torch
     for name, (batch, channels, width) in MODELS.items():
         if ctx.quick and name != "digits CNN":
             continue
-        reps = ctx.repeats if name == "digits CNN" else max(8, ctx.repeats // 2)
+        reps = _rounds(name, ctx)
         label = f"batch {batch}"
         (jf, jq_), (_, jr) = interleaved(linen_steps(batch, channels, width), ctx, reps)
         tf = tq_ = tr = None
@@ -332,7 +341,7 @@ def run_nnx(ctx: Context) -> list[Row]:
     for name, (batch, channels, width) in MODELS.items():
         if ctx.quick and name != "digits CNN":
             continue
-        reps = ctx.repeats if name == "digits CNN" else max(8, ctx.repeats // 2)
+        reps = _rounds(name, ctx)
         label = f"batch {batch}"
         (jf, jq_), (_, jr) = interleaved(nnx_steps(batch, channels, width), ctx, reps)
         (nf, nq), (_, nr) = interleaved(nnx_steps(batch, channels, width, use_nnx_jit=True),

@@ -114,8 +114,11 @@ def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) ->
     it holds ``relu`` right after a group fused with ``"relu"`` (the fused op applies the
     ReLU; the model's own call would also zero the gradient of outputs that round to 0).
     ``path_of``: module -> dotted path. Raises ValueError for a slot named as a ReLU that
-    holds another function, or named as a BatchNorm.
+    holds another function, or named as a BatchNorm. A subclass with its own ``__call__``
+    runs as it is (empty set).
     """
+    if type(seq).__call__ is not nn.Sequential.__call__:
+        return frozenset()
     prefix = f"{seq_path}." if seq_path else ""
     relu_slots = {e.relu_path for e in fuse if e.relu_path is not None}
     bn_slots = {e.bn for e in fuse if e.bn is not None}
