@@ -244,6 +244,27 @@ def test_fuse_sequential_slot_errors():
         init(as_bn, x)
 
 
+@pytest.mark.filterwarnings("ignore:jquant.linen.*(no module was prepared|nothing to convert)")
+@pytest.mark.parametrize("prepare", [jl.prepare, jl.prepare_qat])
+@pytest.mark.parametrize("form", ["function", "module"])
+def test_fused_relu_of_a_float_layer_still_applies(prepare, form):
+    """A fused group whose layer stays float (qconfig ``None``) still applies its ReLU when
+    the ReLU layer became the identity (an nn.Sequential slot or a ReLU module), in the
+    prepared and in the converted model."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5)), jnp.float32)
+    relu = (lambda: nn.relu) if form == "function" else _ReLUModule
+    fuse = [("layers_0", "relu")] if form == "function" else [("layers_0", None, "layers_1")]
+    model = prepare(nn.Sequential([nn.Dense(4), relu()]),
+                    {"": jq.get_default_qat_qconfig("x86"), "layers_0": None}, fuse=fuse)
+    v = init(model, x)
+    want = jax.nn.relu(nn.Dense(4).apply({"params": v["params"]["layers_0"]}, x))
+    assert float(jnp.min(want)) == 0.0  # some outputs are clipped
+    y, upd = jax.jit(lambda v, x: model.apply(v, x, mutable=["quant_stats"]))(v, x)
+    np.testing.assert_array_equal(_np(y), _np(want))
+    converted, cv = jl.convert(model, {**v, **upd})
+    np.testing.assert_array_equal(_np(jax.jit(converted.apply)(cv, x)), _np(want))
+
+
 class _DenseThenModuleNamedRelu(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -145,6 +145,13 @@ def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) ->
     return frozenset(skip)
 
 
+def call_float(next_fun, args, kwargs, entry: Optional[FuseEntry]):
+    """A layer left float. Its fused group's ReLU still runs here, since the group's ReLU
+    slot (a module or an nn.Sequential layer) is the identity."""
+    y = next_fun(*args, **kwargs)
+    return jax.nn.relu(y) if entry is not None and entry.relu else y
+
+
 def call_sequential(seq: nn.Sequential, skip: frozenset, args, kwargs):
     """``nn.Sequential.__call__`` with the layers at indices ``skip`` as the identity."""
     if not seq.layers:
@@ -644,10 +651,10 @@ def intercept(next_fun, args, kwargs, context):
         if path in plan.by_layer and plan.by_layer[path].bn is not None:
             raise ValueError(f"fuse: {path} has no qconfig (None) but is fused with "
                              f"{plan.by_layer[path].bn}")
-        return next_fun(*args, **kwargs)
+        return call_float(next_fun, args, kwargs, plan.by_layer.get(path))
     if kind in ("dense", "conv"):
         if kind == "conv" and not m.shared_weights:
-            return next_fun(*args, **kwargs)
+            return call_float(next_fun, args, kwargs, plan.by_layer.get(path))
         return call_dense_conv(m, kind, qconfig, next_fun, args, kwargs, trace)
     if kind == "embed":
         return call_embedding(m, qconfig, lambda: m.embedding, flax_embed_lookup(m, args[0]),

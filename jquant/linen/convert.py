@@ -67,6 +67,7 @@ class ConvertPlan:
         self.identity = frozenset(identity)
         self.backend = backend
         self.fuse = tuple(fuse)  # the prepare plan's groups (ReLU slots of nn.Sequential)
+        self.float_groups = {e.layer: e for e in self.fuse if e.layer not in self.entries}
 
     def __hash__(self):
         return id(self)
@@ -159,7 +160,7 @@ def _intercept(next_fun, args, kwargs, context):
         skip = _core.fused_relu_slots(m, path, cplan.fuse, _path)
         return _core.call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if entry is None:
-        return next_fun(*args, **kwargs)
+        return _core.call_float(next_fun, args, kwargs, cplan.float_groups.get(path))
     qv = _get(run.qvars, path)
     kind = entry.kind
     if kind == "dequant_stub":
