@@ -104,7 +104,7 @@ def parse_fuse(fuse) -> tuple:
     return tuple(entries)
 
 
-def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) -> frozenset:
+def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple) -> frozenset:
     """Indices of the ReLU *functions* in ``seq.layers`` that a fused group already applies.
 
     torch's fused ConvReLU / LinearReLU / ConvBnReLU turn the group's ReLU module into the
@@ -113,9 +113,8 @@ def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) ->
     stands for it. A slot becomes the identity when a group names it as its ReLU, or when
     it holds ``relu`` right after a group fused with ``"relu"`` (the fused op applies the
     ReLU; the model's own call would also zero the gradient of outputs that round to 0).
-    ``path_of``: module -> dotted path. Raises ValueError for a slot named as a ReLU that
-    holds another function, or named as a BatchNorm. A subclass with its own ``__call__``
-    runs as it is (empty set).
+    Raises ValueError for a slot named as a ReLU that holds another function, or named as
+    a BatchNorm. A subclass with its own ``__call__`` runs as it is (empty set).
     """
     if type(seq).__call__ is not nn.Sequential.__call__:
         return frozenset()
@@ -140,7 +139,7 @@ def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple, path_of) ->
                              f"as (layer, 'relu'), (layer, None, {slot!r}) or (layer, bn, "
                              f"{slot!r})")
         elif (i > 0 and _is_relu_marker(fn) and isinstance(layers_[i - 1], nn.Module)
-              and path_of(layers_[i - 1]) in ends):
+              and module_path(layers_[i - 1]) in ends):
             skip.add(i)
     return frozenset(skip)
 
@@ -266,12 +265,16 @@ class JQuantModule:
     """Marker base of jquant's own Linen modules (they quantize themselves)."""
 
 
+class ModelWrapper:
+    """Marker base of the modules that wrap a user's model (``PreparedModel``,
+    ``ConvertedModel``): module paths start below them."""
+
+
 def _ancestors(m) -> list:
-    """``m`` and its parents up to the model root (the prepared wrapper excluded), root first."""
-    from jquant.linen.prepare import PreparedModel  # cycle
+    """``m`` and its parents up to the model root (a wrapper excluded), root first."""
     mods = []
     cur = m
-    while isinstance(cur, nn.Module) and not isinstance(cur, PreparedModel):
+    while isinstance(cur, nn.Module) and not isinstance(cur, ModelWrapper):
         mods.append(cur)
         cur = cur.parent
     return mods[::-1]
@@ -627,7 +630,7 @@ def intercept(next_fun, args, kwargs, context):
     if path in plan.relu_paths:
         return args[0] if len(args) == 1 else next_fun(*args, **kwargs)
     if isinstance(m, nn.Sequential) and plan.fuse:
-        skip = fused_relu_slots(m, path, plan.fuse, module_path)
+        skip = fused_relu_slots(m, path, plan.fuse)
         return call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if path in plan.by_bn:
         pend = trace.pending.pop(path, None)

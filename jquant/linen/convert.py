@@ -79,15 +79,6 @@ class ConvertPlan:
         return f"ConvertPlan({len(self.entries)} modules, backend={self.backend!r})"
 
 
-def _path(m) -> str:
-    mods = []
-    cur = m
-    while isinstance(cur, nn.Module) and not isinstance(cur, (ConvertedModel, PreparedModel)):
-        mods.append(cur)
-        cur = cur.parent
-    return ".".join(mm.name for mm in mods[::-1][1:])
-
-
 def _get(tree, path: str):
     cur = tree
     for p in path.split(".") if path else []:
@@ -145,7 +136,7 @@ def _intercept(next_fun, args, kwargs, context):
     run = _RUN
     if run is None or isinstance(m, ConvertedModel):
         return next_fun(*args, **kwargs)
-    path = _path(m)
+    path = _core.module_path(m)
     cplan = run.cplan
     entry = cplan.entries.get(path)
     if context.method_name == "setup":
@@ -157,7 +148,7 @@ def _intercept(next_fun, args, kwargs, context):
     if path in cplan.identity:
         return args[0]
     if isinstance(m, nn.Sequential) and cplan.fuse:
-        skip = _core.fused_relu_slots(m, path, cplan.fuse, _path)
+        skip = _core.fused_relu_slots(m, path, cplan.fuse)
         return _core.call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if entry is None:
         return _core.call_float(next_fun, args, kwargs, cplan.float_groups.get(path))
@@ -203,7 +194,7 @@ def _intercept(next_fun, args, kwargs, context):
     return y
 
 
-class ConvertedModel(nn.Module):
+class ConvertedModel(nn.Module, _core.ModelWrapper):
     """A converted (integer-inference) Linen model; ``torch.ao.quantization.convert``'s result.
 
     Attributes: ``model`` (the unmodified float model), ``cplan`` (static plan). Apply with

@@ -17,7 +17,7 @@ import flax.linen as nn
 from jquant.linen import _core
 
 
-class PreparedModel(nn.Module):
+class PreparedModel(nn.Module, _core.ModelWrapper):
     """A float Linen model run with observers (``prepare``) or fake quant (``prepare_qat``).
 
     Attributes:
