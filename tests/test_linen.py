@@ -244,6 +244,26 @@ def test_fuse_sequential_slot_errors():
         init(as_bn, x)
 
 
+class _SequentialPlusOne(nn.Sequential):
+    def __call__(self, x):
+        return super().__call__(x) + 1.0
+
+
+def test_sequential_subclass_with_own_call_runs_as_written():
+    """A Sequential subclass that overrides ``__call__`` is not replaced by the fused-slot
+    loop: its own code runs (here ``+ 1``), and the fused group still quantizes."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    qc = jq.get_default_qat_qconfig("x86")
+    fuse = [("layers_0", "relu")]
+    plain = jl.prepare_qat(nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(3)]), qc, fuse=fuse)
+    sub = jl.prepare_qat(_SequentialPlusOne([nn.Dense(4), nn.relu, nn.Dense(3)]), qc, fuse=fuse)
+    v = init(plain, x)
+    apply = lambda m: jax.jit(lambda v, x: m.apply(v, x, mutable=["quant_stats"]))(v, x)  # noqa: E731
+    (y, u), (y_sub, u_sub) = apply(plain), apply(sub)
+    np.testing.assert_array_equal(_np(y_sub), _np(y) + np.float32(1.0))
+    assert "weight_fake_quant" in u_sub["quant_stats"]["layers_0"]
+
+
 @pytest.mark.filterwarnings("ignore:jquant.linen.*(no module was prepared|nothing to convert)")
 @pytest.mark.parametrize("prepare", [jl.prepare, jl.prepare_qat])
 @pytest.mark.parametrize("form", ["function", "module"])
