@@ -104,7 +104,25 @@ def parse_fuse(fuse) -> tuple:
     return tuple(entries)
 
 
-def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple) -> frozenset:
+class Fusion:
+    """The fused groups (:func:`parse_fuse`) indexed by path: ``by_layer`` (Dense / Conv),
+    ``by_bn`` (BatchNorm), ``relu_paths`` (ReLU module or nn.Sequential slot; the identity
+    while fused) and ``relu_call_ends`` (the last module of each group whose ReLU is the
+    function the model calls after it). Shared by the prepared and the converted model."""
+
+    def __init__(self, fuse=()):
+        self.groups = parse_fuse(fuse)
+        self.by_layer = {e.layer: e for e in self.groups}
+        self.by_bn = {e.bn: e for e in self.groups if e.bn is not None}
+        self.relu_paths = {e.relu_path: e for e in self.groups if e.relu_path is not None}
+        self.relu_call_ends = frozenset(e.bn if e.bn is not None else e.layer
+                                        for e in self.groups if e.relu and e.relu_path is None)
+
+    def __bool__(self):
+        return bool(self.groups)
+
+
+def fused_relu_slots(seq: nn.Sequential, seq_path: str, fusion: Fusion) -> frozenset:
     """Indices of the ReLU *functions* in ``seq.layers`` that a fused group already applies.
 
     torch's fused ConvReLU / LinearReLU / ConvBnReLU turn the group's ReLU module into the
@@ -119,27 +137,24 @@ def fused_relu_slots(seq: nn.Sequential, seq_path: str, fuse: tuple) -> frozense
     if type(seq).__call__ is not nn.Sequential.__call__:
         return frozenset()
     prefix = f"{seq_path}." if seq_path else ""
-    relu_slots = {e.relu_path for e in fuse if e.relu_path is not None}
-    bn_slots = {e.bn for e in fuse if e.bn is not None}
-    ends = {e.bn if e.bn is not None else e.layer for e in fuse if e.relu and e.relu_path is None}
     skip = set()
     layers_ = tuple(seq.layers)
     for i, fn in enumerate(layers_):
         if isinstance(fn, nn.Module):
             continue
         slot = f"{prefix}layers_{i}"
-        if slot in relu_slots:
+        if slot in fusion.relu_paths:
             if not _is_relu_marker(fn):
                 raise ValueError(f"fuse: {slot} is {getattr(fn, '__name__', fn)!r} in an "
                                  f"nn.Sequential, not relu; only ReLU fuses")
             skip.add(i)
-        elif slot in bn_slots:
+        elif slot in fusion.by_bn:
             raise ValueError(f"fuse: {slot} is the function {getattr(fn, '__name__', fn)!r} "
                              f"in an nn.Sequential, not a BatchNorm; fuse a ReLU function "
                              f"as (layer, 'relu'), (layer, None, {slot!r}) or (layer, bn, "
                              f"{slot!r})")
         elif (i > 0 and _is_relu_marker(fn) and isinstance(layers_[i - 1], nn.Module)
-              and module_path(layers_[i - 1]) in ends):
+              and module_path(layers_[i - 1]) in fusion.relu_call_ends):
             skip.add(i)
     return frozenset(skip)
 
@@ -181,12 +196,9 @@ class Plan:
             raise ValueError(f"mode={mode!r}")
         self.mode = mode
         self.spec = layers.QConfigSpec(spec, module_base=nn.Module)
-        self.fuse = parse_fuse(fuse)
+        self.fusion = Fusion(fuse)
         self.axis_name = axis_name
         self.bn_unbiased = bool(bn_unbiased)
-        self.by_layer = {e.layer: e for e in self.fuse}
-        self.by_bn = {e.bn: e for e in self.fuse if e.bn is not None}
-        self.relu_paths = {e.relu_path: e for e in self.fuse if e.relu_path is not None}
         self.registry: dict = {}       # path -> {name: config}
         self.kinds: dict = {}          # path -> kind
         self.qconfigs: dict = {}       # path -> resolved QConfig | None
@@ -200,14 +212,14 @@ class Plan:
 
     def unmatched(self) -> list:
         out = self.spec.unmatched()
-        out += [f"fuse {e.layer}" for e in self.fuse if e.layer not in self.fused_seen]
+        out += [f"fuse {e.layer}" for e in self.fusion.groups if e.layer not in self.fused_seen]
         return out
 
     def warn_unmatched_once(self) -> None:
         if self.warned:
             return
         self.warned = True
-        extra = [f"fuse entry {(e.layer, e.bn) if e.bn else e.layer!r}" for e in self.fuse
+        extra = [f"fuse entry {(e.layer, e.bn) if e.bn else e.layer!r}" for e in self.fusion.groups
                  if e.layer not in self.fused_seen]
         self.spec.warn_unmatched(extra, known=self.qconfigs)
         if self.registry:
@@ -233,7 +245,7 @@ class Plan:
         return self is other
 
     def __repr__(self):
-        return f"Plan(mode={self.mode!r}, fuse={len(self.fuse)} groups)"
+        return f"Plan(mode={self.mode!r}, fuse={len(self.fusion.groups)} groups)"
 
 
 class Trace:
@@ -426,7 +438,7 @@ def call_dense_conv(m, kind: str, qconfig, call, args, kwargs, trace: Optional[T
     plan = trace.plan if trace is not None else None
     path = module_path(m)
     qat = plan is None or plan.mode == "qat"
-    entry = plan.by_layer.get(path) if plan is not None else None
+    entry = plan.fusion.by_layer.get(path) if plan is not None else None
     if entry is not None:
         plan.fused_seen.add(path)
     wcfg = layers.build(qconfig.weight) if qat else None
@@ -626,38 +638,40 @@ def intercept(next_fun, args, kwargs, context):
     if trace is None:
         return next_fun(*args, **kwargs)
     plan = trace.plan
+    fusion = plan.fusion
     path = module_path(m)
-    if path in plan.relu_paths:
+    group = fusion.by_layer.get(path)  # the fused group this layer leads, if any
+    if path in fusion.relu_paths:
         return args[0] if len(args) == 1 else next_fun(*args, **kwargs)
-    if isinstance(m, nn.Sequential) and plan.fuse:
-        skip = fused_relu_slots(m, path, plan.fuse)
+    if isinstance(m, nn.Sequential) and fusion:
+        skip = fused_relu_slots(m, path, fusion)
         return call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
-    if path in plan.by_bn:
+    if path in fusion.by_bn:
         pend = trace.pending.pop(path, None)
         if pend is None:
             raise ValueError(f"fuse: BatchNorm {path} ran without its fused layer "
-                             f"{plan.by_bn[path].layer} running first")
+                             f"{fusion.by_bn[path].layer} running first")
         if not isinstance(m, nn.BatchNorm):
             raise ValueError(f"fuse: {path} is a {type(m).__name__}, expected flax BatchNorm "
-                             f"(to fuse {plan.by_bn[path].layer} with a ReLU module, write "
-                             f"({plan.by_bn[path].layer!r}, None, {path!r}))")
+                             f"(to fuse {fusion.by_bn[path].layer} with a ReLU module, write "
+                             f"({fusion.by_bn[path].layer!r}, None, {path!r}))")
         return call_fused_bn(m, pend, args, kwargs, trace)
     kind = kind_of(m)
-    if path in plan.by_layer:
+    if group is not None:
         plan.fused_seen.add(path)
-    if path in plan.by_layer and kind not in ("dense", "conv"):
+    if group is not None and kind not in ("dense", "conv"):
         raise ValueError(f"fuse: {path} is a {type(m).__name__}; only Dense and Conv fuse")
     if kind is None:
         return next_fun(*args, **kwargs)
     qconfig = resolve_qconfig(m, trace)
     if qconfig is None:
-        if path in plan.by_layer and plan.by_layer[path].bn is not None:
+        if group is not None and group.bn is not None:
             raise ValueError(f"fuse: {path} has no qconfig (None) but is fused with "
-                             f"{plan.by_layer[path].bn}")
-        return call_float(next_fun, args, kwargs, plan.by_layer.get(path))
+                             f"{group.bn}")
+        return call_float(next_fun, args, kwargs, group)
     if kind in ("dense", "conv"):
         if kind == "conv" and not m.shared_weights:
-            return call_float(next_fun, args, kwargs, plan.by_layer.get(path))
+            return call_float(next_fun, args, kwargs, group)
         return call_dense_conv(m, kind, qconfig, next_fun, args, kwargs, trace)
     if kind == "embed":
         return call_embedding(m, qconfig, lambda: m.embedding, flax_embed_lookup(m, args[0]),

@@ -62,12 +62,12 @@ class _Entry:
 class ConvertPlan:
     """Static description of a converted model: path -> :class:`_Entry`, identity paths."""
 
-    def __init__(self, entries: dict, identity: frozenset, backend: str, fuse: tuple = ()):
+    def __init__(self, entries: dict, identity: frozenset, backend: str,
+                 fusion: Optional[_core.Fusion] = None):
         self.entries = dict(entries)
         self.identity = frozenset(identity)
         self.backend = backend
-        self.fuse = tuple(fuse)  # the prepare plan's groups (ReLU slots of nn.Sequential)
-        self.float_groups = {e.layer: e for e in self.fuse if e.layer not in self.entries}
+        self.fusion = fusion or _core.Fusion()  # the prepare plan's fused groups
 
     def __hash__(self):
         return id(self)
@@ -147,11 +147,11 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     if path in cplan.identity:
         return args[0]
-    if isinstance(m, nn.Sequential) and cplan.fuse:
-        skip = _core.fused_relu_slots(m, path, cplan.fuse)
+    if isinstance(m, nn.Sequential) and cplan.fusion:
+        skip = _core.fused_relu_slots(m, path, cplan.fusion)
         return _core.call_sequential(m, skip, args, kwargs) if skip else next_fun(*args, **kwargs)
     if entry is None:
-        return _core.call_float(next_fun, args, kwargs, cplan.float_groups.get(path))
+        return _core.call_float(next_fun, args, kwargs, cplan.fusion.by_layer.get(path))
     qv = _get(run.qvars, path)
     kind = entry.kind
     if kind == "dequant_stub":
@@ -329,7 +329,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
     out_stats = _to_dict(stats)
     quant: dict = {}
     entries: dict = {}
-    identity = set(plan.relu_paths)
+    identity = set(plan.fusion.relu_paths)
     for path, kind in sorted(plan.kinds.items()):
         reg = plan.registry.get(path, {})
         acfg = reg.get(_core.ACT)
@@ -352,7 +352,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
             p = _get(params, path) or {}
             if "kernel" not in p:
                 raise ValueError(f"{path}: no params 'kernel' found in variables")
-            entry = plan.by_layer.get(path)
+            entry = plan.fusion.by_layer.get(path)
             bn = None
             if entry is not None and entry.bn is not None:
                 bp = _get(params, entry.bn) or {}
@@ -388,7 +388,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
             _put(quant, path, rec)
             _pop(out_params, path)
         elif kind in ("bn", "norm"):
-            if path in plan.by_bn:
+            if path in plan.fusion.by_bn:
                 continue
             qp = _act_qparams(acfg, astate, path, problems=problems)
             if qp is None:
@@ -402,7 +402,7 @@ def convert(model: PreparedModel, variables, *, backend: str = "x86"):
     if out_stats:
         qvariables["batch_stats"] = out_stats
     qvariables[QUANTIZED] = quant
-    cplan = ConvertPlan(entries, frozenset(identity), backend, plan.fuse)
+    cplan = ConvertPlan(entries, frozenset(identity), backend, plan.fusion)
     return ConvertedModel(model=model.model, cplan=cplan), qvariables
 
 

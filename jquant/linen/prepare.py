@@ -38,7 +38,7 @@ class PreparedModel(nn.Module, _core.ModelWrapper):
         nn.share_scope(self, self.model)
 
     def _discover(self, fn_name, args, kwargs):
-        missing = [e.bn for e in self.plan.fuse if e.bn and e.bn not in self.plan.bn_eps]
+        missing = [e.bn for e in self.plan.fusion.groups if e.bn and e.bn not in self.plan.bn_eps]
         if not missing or self.is_initializing():
             return
         # A fused BatchNorm's epsilon is needed before the BatchNorm runs: trace an init once.
