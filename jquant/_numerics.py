@@ -164,22 +164,29 @@ def is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _div_f64(a, c):
-    with enable_x64():
-        return (a.astype(jnp.float64) / c).astype(jnp.float32)
+def exact_f32(fn, *args):
+    """``f32(fn(*args))`` for one IEEE op on float32 operands, rounded once to float32.
+
+    XLA rewrites some float32 ops (a division by a constant or a broadcast operand becomes a
+    multiplication by the rounded reciprocal, off by one ulp for many inputs): on CPU / GPU
+    the op runs in float64 (:func:`via_f64`), which is exact for one op on float32 operands;
+    on TPU (no native float64) it is the plain float32 op.
+    """
+    args = [f32(a) for a in args]
+    return lax.platform_dependent(*args, tpu=lambda *a: fn(*a).astype(jnp.float32),
+                                  default=via_f64(fn))
+
+
+def true_divide(a, b):
+    """``f32(a / b)`` correctly rounded, with broadcasting (torch's tensor division)."""
+    a, b = jnp.broadcast_arrays(f32(a), f32(b))
+    return exact_f32(lambda u, v: u / v, a, b)
 
 
 def div_const(a, c: float):
-    """``f32(a / c)`` correctly rounded, for a Python constant ``c``.
-
-    XLA rewrites a division by a constant into a multiplication by its rounded reciprocal,
-    which is off by one ulp for most inputs. Dividing in float64 and rounding once is
-    exact for float32 operands; on TPU (no native float64) it is a plain division.
-    """
-    a = f32(a)
+    """``f32(a / c)`` correctly rounded, for a Python constant ``c`` (kept in float64)."""
     c = float(c)
-    return lax.platform_dependent(a, tpu=lambda u: u / jnp.float32(c),
-                                  default=lambda u: _div_f64(u, c))
+    return exact_f32(lambda u: u / c, a)
 
 
 def aminmax(x, axis=None):

@@ -41,27 +41,9 @@ __all__ = [
     "QConfigSpec", "build", "is_float_qparams", "torch_weight_perm", "weight_init",
     "weight_apply", "post_process_init", "post_process_apply", "bn_scale_factor", "bn_stats",
     "bn_normalize", "bn_update_running", "fold_bn", "embedding_bag", "EMBEDDING_BAG_MODES",
-    "true_divide", "is_learnable", "BNStats",
+    "is_learnable", "BNStats",
 ]
 
-
-def _div_f64(a, b):
-    with nm.enable_x64():
-        return (a.astype(jnp.float64) / b.astype(jnp.float64)).astype(jnp.float32)
-
-
-def true_divide(a, b):
-    """``f32(a / b)`` correctly rounded, with broadcasting (torch's tensor division).
-
-    XLA:CPU rewrites a division by a broadcast operand (e.g. a per-channel divisor) into a
-    multiplication by its rounded reciprocal, which is off by one ulp for many inputs.
-    Dividing in float64 and rounding once to float32 is exact for float32 operands; on
-    TPU (no native float64) it is a plain division. Returns float32.
-    """
-    a = nm.f32(a)
-    b = nm.f32(b)
-    a, b = jnp.broadcast_arrays(a, b)
-    return jax.lax.platform_dependent(a, b, tpu=lambda u, v: u / v, default=_div_f64)
 
 # ----------------------------------------------------------------------------------------
 # qconfig spec resolution
@@ -453,8 +435,8 @@ def bn_stats(x, reduction_axes: Sequence[int], axis_name=None) -> BNStats:
         var = nm.div_const(jnp.sum(jnp.square(xf - jnp.expand_dims(mean, axes)), axis=axes), n_local)
         return BNStats(mean, var, n_local)
     n = collectives.all_sum(jnp.float32(n_local), axis_name)
-    mean = true_divide(collectives.all_sum(jnp.sum(xf, axis=axes), axis_name), n)
-    var = true_divide(collectives.all_sum(
+    mean = nm.true_divide(collectives.all_sum(jnp.sum(xf, axis=axes), axis_name), n)
+    var = nm.true_divide(collectives.all_sum(
         jnp.sum(jnp.square(xf - jnp.expand_dims(mean, axes)), axis=axes), axis_name), n)
     return BNStats(mean, var, n)
 
@@ -595,6 +577,6 @@ def embedding_bag(weight, indices, offsets=None, *, mode: str = "mean", per_samp
                               num_segments=b)
     if mode == "mean":
         count = jax.ops.segment_sum(valid.astype(jnp.int32), seg, num_segments=b)
-        mean = true_divide(out, jnp.maximum(count, 1)[:, None]).astype(out.dtype)
+        mean = nm.true_divide(out, jnp.maximum(count, 1)[:, None]).astype(out.dtype)
         out = jnp.where(count[:, None] > 0, mean, jnp.zeros((), out.dtype))
     return out.astype(weight.dtype)

@@ -208,18 +208,8 @@ class PackedEmbedding(NamedTuple):
 # exact float32 arithmetic helpers (see module docstring, "Numerics")
 # ----------------------------------------------------------------------------------------
 
-def _exact(fn, *args):
-    """``f32(fn(*args))`` of one IEEE op on float32 operands, rounded once (no contraction)."""
-    args = [jnp.asarray(a, _F32) for a in args]
-    return lax.platform_dependent(*args, tpu=lambda *a: fn(*a).astype(_F32), default=nm.via_f64(fn))
-
-
 def _mul(a, b):
-    return _exact(lambda u, v: u * v, a, b)
-
-
-def _div(a, b):
-    return _exact(lambda u, v: u / v, a, b)
+    return nm.exact_f32(lambda u, v: u * v, a, b)
 
 
 def _scalar(v, name, dtype):
@@ -370,7 +360,7 @@ def _bn_vectors(running_mean, running_var, weight, bias, conv_bias):
 def _rsqrt(v, eps):
     # torch.rsqrt(var + eps) on float32: f32(var + f32(eps)), sqrt, then 1 / sqrt.
     s = jnp.sqrt(v + _F32(eps))
-    return _div(_F32(1.0), s)
+    return nm.true_divide(_F32(1.0), s)
 
 
 def fuse_conv_bn_weights(conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b, transpose=False):
@@ -549,26 +539,26 @@ def _requantize(acc, axis, sx, sw, bias, so, zo, relu, requant, out_dtype, op):
     a = acc.astype(_F32)
     if requant == "fbgemm":
         m = sx * sw
-        raw = a if b is None else nm.fma_f32(b, _div(_F32(1.0), m), a)
-        y = nm.rne(raw * _div(m, so))
+        raw = a if b is None else nm.fma_f32(b, nm.true_divide(_F32(1.0), m), a)
+        y = nm.rne(raw * nm.true_divide(m, so))
     elif requant == "qnnpack":
         m = sx * sw
         if b is not None:
-            qb = nm.rne(b * _div(_F32(1.0), m))
+            qb = nm.rne(b * nm.true_divide(_F32(1.0), m))
             qb = jnp.clip(qb, -2.0 ** 31, 2.0 ** 31 - 128).astype(jnp.int32)
             acc = acc + qb
-        mult = _mul(m, _div(_F32(1.0), so))
+        mult = _mul(m, nm.true_divide(_F32(1.0), so))
         y = nm.rne(acc.astype(_F32) * mult)
     else:  # onednn
         # torch passes 1.0 / input_scale (double) as a float; oneDNN inverts it again. The
         # Linear (matmul) path does the same to the weight scales; the Conv path does not.
-        s_eff = _div(_F32(1.0), _exact(lambda u: 1.0 / u, sx))
+        s_eff = nm.true_divide(_F32(1.0), nm.exact_f32(lambda u: 1.0 / u, sx))
         if op == "linear":
-            sw = _div(_F32(1.0), _exact(lambda u: 1.0 / u, sw))
+            sw = nm.true_divide(_F32(1.0), nm.exact_f32(lambda u: 1.0 / u, sw))
         t = _mul(_mul(a, s_eff), sw)
         if b is not None:
             t = t + b
-        y = nm.rne(t * _div(_F32(1.0), so))
+        y = nm.rne(t * nm.true_divide(_F32(1.0), so))
     info = np.iinfo(np.dtype(out_dtype))
     lo, hi = int(info.min), int(info.max)
     y = jnp.clip(y, -2.0 ** 24, 2.0 ** 24).astype(jnp.int32) + zo.astype(jnp.int32)
@@ -1066,7 +1056,7 @@ def _bag_impl(indices, p, offsets, psw, mode, include_last_offset, padding_idx, 
     if mode == "max":
         return jnp.where(count[:, None] > 0, out, _F32(0.0))
     if mode == "mean":
-        mean = _div(out, jnp.maximum(count, 1).astype(_F32)[:, None])
+        mean = nm.true_divide(out, jnp.maximum(count, 1).astype(_F32)[:, None])
         return jnp.where(count[:, None] > 0, mean, _F32(0.0))
     return out
 

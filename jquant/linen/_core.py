@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jquant import _numerics as nm
 from jquant import layers
 from jquant.observers import NoopObserver, PlaceholderObserver
 
@@ -470,7 +471,7 @@ def call_dense_conv(m, kind: str, qconfig, call, args, kwargs, trace: Optional[T
                 kernel = Slot(m, WEIGHT, wcfg, kernel, layout)(kernel)
             out = base(lhs, kernel, *a, **k)
             if scale_factor is not None:
-                out = layers.true_divide(out, scale_factor).astype(out.dtype)
+                out = nm.true_divide(out, scale_factor).astype(out.dtype)
             return out
 
         object.__setattr__(m, attr, op)

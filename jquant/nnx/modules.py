@@ -568,7 +568,7 @@ class _QATFusedMixin(_QuantMixin):
         if self._has_bn:
             bn = self.bn
             dtype = y.dtype
-            y = _L.true_divide(y, self._scale_factor())
+            y = nm.true_divide(y, self._scale_factor())
             if self.bias is not None:
                 y = y + self.bias[...].astype(jnp.float32)
             y = y.astype(dtype)
