@@ -19,7 +19,6 @@ fake-quantize as 0 even when ``x / scale`` would round to a nonzero level.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,6 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jquant import _numerics as nm
 from jquant import collectives

@@ -91,7 +91,7 @@ import contextvars
 import functools
 import math
 import re
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

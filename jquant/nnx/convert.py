@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Optional
 
 import jax.numpy as jnp
 from flax import nnx
